@@ -1,0 +1,115 @@
+"""The `raylt` command: `embed`, `config`, `list`.
+
+Errors caused by input (config, data, weights) print as one line, `raylt: error: ...`, and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from raylt import __version__
+from raylt.errors import RayltError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (see configs/); defaults only if omitted")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. embed.batch_size=64")
+
+
+def cmd_config(args) -> int:
+    from raylt.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from raylt.config import load_config
+    from raylt.embed import run_embed
+
+    cfg = load_config(args.config, args.overrides)
+    res = run_embed(cfg)
+    m = res.manifest
+    how = "reused" if res.reused else f"{res.computed_rows} images in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)"
+    print(f"store: {res.store}")
+    print(f"embeddings: {m['embedded']} (D={m['dim']}), skipped: {m['skipped']}, {how}")
+    return 0
+
+
+def _list_configs() -> list[str]:
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def cmd_list(args) -> int:
+    from raylt.backbones import BACKBONES
+    from raylt.data import SOURCES
+
+    sections = [("backbones", BACKBONES.describe()), ("data sources", SOURCES.describe())]
+    for title, rows in sections:
+        print(f"{title}:")
+        for name, help in rows:
+            print(f"  {name:<12} {help}")
+    if args.models:
+        import open_clip
+
+        from raylt.backbones import _register_model_configs
+
+        _register_model_configs(None)
+        print("open_clip architectures (backbone.model):")
+        print("  " + " ".join(open_clip.list_models()))
+        print("open_clip pretrained tags (backbone.model / backbone.pretrained):")
+        for model, tag in open_clip.list_pretrained():
+            print(f"  {model} / {tag}")
+    configs = _list_configs()
+    if configs:
+        print(f"configs ({CONFIG_DIR}):")
+        for c in configs:
+            print(f"  {c}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylt", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"raylt {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("embed", help="embed a data set into the embedding store (Ray Data)")
+    _config_args(p)
+    p.set_defaults(fn=cmd_embed)
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    _config_args(p)
+    p.set_defaults(fn=cmd_config)
+    p = sub.add_parser("list", help="registered backbones, data sources and shipped configs")
+    p.add_argument("--models", action="store_true", help="also list open_clip architectures and pretrained tags")
+    p.set_defaults(fn=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.quiet:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return args.fn(args)
+    except RayltError as e:
+        print(f"raylt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raylt: interrupted; finished shards are kept and a re-run continues from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

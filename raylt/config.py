@@ -1,0 +1,279 @@
+"""Configuration: layered YAML files plus `key=value` overrides, validated into frozen dataclasses.
+
+A config file may name other files under `base:` (paths relative to itself); they are merged
+first, in order, then the file itself, then the command-line overrides. Every leaf value
+remembers which file set it, so an unknown key, a wrong type or a missing required value
+(`???`) is reported as one line naming the key and its file. String values may use
+`${VAR}` or `${VAR:-default}` from the environment.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from raylt.errors import ConfigError
+
+REQUIRED = "???"
+CLI = "the command line"
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from (see `raylt list` for the registered sources)."""
+
+    source: str = "demo"
+    root: str | None = None  # image root: split-file paths and class folders are relative to it
+    split_dir: str | None = None  # folder of split files; relative `splits` resolve against it
+    splits: Mapping[str, str] = field(default_factory=dict)  # split name -> split file / subfolder
+    class_names: str | None = None  # text file, one class per line in label order
+    imbalance_ratio: float | None = None  # exponential long-tail profile on train (n_max / n_min)
+    max_per_class: int | None = None  # head count of the long-tail profile (default: largest class)
+    seed: int = 0
+    max_bad_fraction: float = 0.01  # fail when more images than this are unreadable
+    allow_outside_root: bool = False  # let split-file paths leave `root` (`..`, absolute paths)
+    image_size: int = 32  # demo data set: side of the rendered digit images
+    test_per_class: int | None = None  # demo data set: balanced test images per class
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The frozen image encoder."""
+
+    name: str = "pixels"  # registry: open_clip, pixels
+    model: str | None = None  # open_clip architecture (ViT-B-16) or `local-dir:/path`
+    pretrained: str | None = None  # open_clip tag (openai), a checkpoint file, or null for random
+    image_size: int = 16  # pixels backbone: side of the down-sampled image
+    cache_dir: str | None = None  # where open_clip looks for downloaded weights
+    offline: bool = False  # never contact the model hub: tags must already be in the cache
+    model_config: str | None = None  # extra open_clip model JSON to register (custom architectures)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How the embedding stage runs on Ray Data."""
+
+    batch_size: int = 128  # images per encoder call
+    decode_batch_size: int = 64  # images per CPU decode task batch
+    num_actors: int = 0  # encoder actors; 0 = one per GPU, or CPUs - 1 on a CPU-only cluster
+    decode_tasks: int = 0  # concurrent CPU decode tasks; 0 = the cluster's CPU count
+    cpus_per_actor: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    shard_size: int = 4096  # rows per Parquet shard; the unit of resume
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    root: str = "~/.cache/raylt/store"  # content-addressed embedding store
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # null: RAY_ADDRESS if set, else a local Ray started here
+    num_cpus: int | None = None  # local Ray only
+    object_store_memory: int | None = None  # bytes, local Ray only
+
+
+@dataclass(frozen=True)
+class RayltConfig:
+    name: str = "raylt"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RayltConfig:
+    """Merge the file (and its bases) with `key=value` overrides and validate the result."""
+    flat: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path is not None:
+        _merge_file(Path(path), flat, origin, chain=())
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} on {CLI} is not key=value (e.g. embed.batch_size=64)")
+        _set(flat, origin, key.strip(), yaml.safe_load(raw) if raw.strip() else None, CLI)
+    return _build(RayltConfig, _unflatten(flat), origin, prefix="")
+
+
+def _merge_file(path: Path, flat: dict, origin: dict, chain: tuple[Path, ...]) -> None:
+    path = path.expanduser().resolve()
+    if path in chain:
+        raise ConfigError(f"config {path} includes itself through `base:`")
+    if not path.is_file():
+        where = f" (named in {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file {path} does not exist{where}; see configs/ for examples")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config {path}{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys, not {type(doc).__name__}")
+    bases = doc.pop("base", []) or []
+    for base in [bases] if isinstance(bases, str) else bases:
+        _merge_file(path.parent / base, flat, origin, chain + (path,))
+    for key, value in _flatten(doc):
+        _set(flat, origin, key, value, str(path))
+
+
+def _flatten(d: Mapping, prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _set(flat: dict, origin: dict, key: str, value: Any, src: str) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in _flatten(value, key + "."):
+            _set(flat, origin, k, v, src)
+        return
+    # A scalar replaces a whole sub-tree and vice versa, as in any layered config.
+    for k in [k for k in flat if k.startswith(key + ".") or key.startswith(k + ".")]:
+        del flat[k]
+    flat[key] = value
+    origin[key] = src
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _where(origin: Mapping[str, str], key: str) -> str:
+    hits = [src for k, src in origin.items() if k == key or k.startswith(key + ".")]
+    src = hits[-1] if hits else "the defaults"
+    return src if src in (CLI, "the defaults") else f"file {src}"
+
+
+def _in(origin: Mapping[str, str], key: str) -> str:
+    where = _where(origin, key)
+    return f"on {where}" if where == CLI else f"in {where}"
+
+
+def _build(cls, tree: Mapping, origin: Mapping[str, str], prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in tree:
+        if key not in names:
+            full = prefix + key
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r} {_in(origin, full)}{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # declaration order, so the first error is always the same
+        if f.name in tree:
+            kwargs[f.name] = _convert(hints[f.name], tree[f.name], prefix + f.name, origin)
+    return cls(**kwargs)
+
+
+def _convert(tp, value, key: str, origin: Mapping[str, str]):
+    where = _in(origin, key)
+    if isinstance(value, str):
+        value = _expand_env(value, key, where)
+        if value == REQUIRED:
+            raise ConfigError(f"config key {key!r} is required but not set {where}; pass {key}=VALUE")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} {where} must be a mapping, got {value!r}")
+        return _build(tp, value, origin, prefix=key + ".")
+    origin_tp = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin_tp in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key, origin)
+    if origin_tp is Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key!r} {where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin_tp in (collections.abc.Mapping, dict):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} {where} must be a mapping, got {value!r}")
+        vtype = args[1] if args else Any
+        return types.MappingProxyType(
+            {str(k): _convert(vtype, v, f"{key}.{k}", origin) for k, v in value.items()}
+        )
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `model: 16` or `pretrained: 2023` are still names
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key {key!r} {where} must be {tp.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _expand_env(value: str, key: str, where: str) -> str:
+    def sub(m: re.Match) -> str:
+        var, default = m.group(1), m.group(2)
+        if var in os.environ:
+            return os.environ[var]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"config key {key!r} {where} uses ${{{var}}}, which is not set; export {var} or pass {key}=VALUE"
+        )
+
+    return _ENV.sub(sub, value)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict of a config (mappings made plain), for YAML output and MLflow params."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, Mapping):
+            v = dict(v)
+        out[f.name] = v
+    return out
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def expand_path(p: str | None) -> Path | None:
+    """A user path made absolute against the current directory (`~` expanded)."""
+    return None if p is None else Path(p).expanduser().resolve()

@@ -1,0 +1,8 @@
+"""Data sources: each turns a `DataConfig` into a `Source` of {id, label, split, path|image}."""
+
+from raylt.data.source import SOURCES, Source, load_source
+
+# Importing the modules registers their sources.
+from raylt.data import cifar, demo, folder, splitfile  # noqa: E402,F401
+
+__all__ = ["SOURCES", "Source", "load_source"]

@@ -1,0 +1,168 @@
+"""The embedding stage: images -> L2-normalised float32 embeddings in the embedding store.
+
+Ray Data runs it: CPU tasks decode and resize (`images.decode_batch`), an actor pool of
+encoders (one GPU each when the cluster has GPUs, CPUs otherwise) runs the frozen model, and
+the driver streams the results into shards of the store. Embeddings are ~2 KB per image, so
+the driver is never the bottleneck, and only the driver needs write access to the store.
+
+Input: a data source (`raylt.data`). Output: `<store.root>/<fingerprint>/` (see `raylt.store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from raylt.backbones import build_encoder
+from raylt.config import BackboneConfig, RayltConfig, expand_path
+from raylt.data import Source, load_source
+from raylt.errors import DataError
+from raylt.images import decode_batch
+from raylt.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    store: Path
+    manifest: dict
+    reused: bool
+    computed_rows: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.computed_rows / self.seconds if self.seconds > 0 else 0.0
+
+
+class EncodeActor:
+    """Ray Data actor: builds the frozen encoder once, then embeds decoded uint8 batches."""
+
+    def __init__(self, backbone: BackboneConfig, precision: str, use_gpu: bool):
+        import torch
+
+        self.torch = torch
+        self.precision = precision
+        self.encoder = build_encoder(backbone).to("cuda" if use_gpu else "cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["ok"]
+        emb = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
+        if ok.any():
+            pixels = self.torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            emb[ok] = self.encoder.encode(pixels, self.precision).cpu().numpy()
+        out = {k: batch[k] for k in ("row", "id", "label", "split", "ok", "error")}
+        out["embedding"] = emb
+        return out
+
+
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    if precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return precision
+
+
+def pending_blocks(source: Source, store: EmbeddingStore, shards: list[int], block_rows: int) -> list[pa.Table]:
+    """The source rows of the pending shards, cut into blocks (one decode task each)."""
+    table = source.table.append_column("row", pa.array(np.arange(source.table.num_rows, dtype=np.int64)))
+    blocks = []
+    for k in shards:
+        lo, hi = store.shard_rows(k)
+        blocks += [table.slice(s, min(block_rows, hi - s)) for s in range(lo, hi, block_rows)]
+    return blocks
+
+
+def _too_many_bad(skipped: list[dict], total: int, max_fraction: float, final: bool) -> str | None:
+    allowed = int(max_fraction * total)
+    if len(skipped) <= allowed:
+        return None
+    first = "; ".join(f"{s['id']} ({s['error']})" for s in skipped[:5])
+    when = "" if final else " already"
+    return (
+        f"{len(skipped)} of {total} images{when} could not be read, above data.max_bad_fraction={max_fraction}: "
+        f"{first}. Fix or remove them (finished shards are kept), or raise data.max_bad_fraction"
+    )
+
+
+def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
+    """Embed every image of the configured data set into the store, reusing finished work."""
+    import ray
+
+    from raylt.ray_utils import cluster_cpus, cluster_gpus, init_ray
+
+    t0 = time.perf_counter()
+    encoder = build_encoder(cfg.backbone)  # fails here, before any data or Ray work, on missing weights
+    source = source or load_source(cfg.data)
+    log.info("data: %s", source.summary())
+    init_ray(cfg.ray)
+    gpus = cluster_gpus()
+    precision = resolve_precision(cfg.embed.precision, gpus > 0)
+    inputs = {
+        "backbone": encoder.identity,
+        "precision": precision,
+        "data": source.fingerprint(),
+        "shard_size": cfg.embed.shard_size,
+    }
+    store = EmbeddingStore.open(expand_path(cfg.store.root), inputs, source.table.num_rows)
+    pending = store.pending_shards()
+    if not pending:
+        log.info("embedding store %s is complete: reused", store.path)
+        return EmbedResult(store.path, store.manifest(), True, 0, time.perf_counter() - t0)
+
+    n_rows = sum(np.subtract(*store.shard_rows(k)[::-1]) for k in pending)
+    actors = cfg.embed.num_actors or (gpus if gpus else max(1, cluster_cpus() - 1))
+    log.info(
+        "embedding %d images (%d of %d shards) with %d %s actor(s), %s, into %s",
+        n_rows, len(pending), store.num_shards, actors, "GPU" if gpus else "CPU", precision, store.path,
+    )
+    ds = ray.data.from_arrow(pending_blocks(source, store, pending, cfg.embed.decode_batch_size))
+    # Ray Data fuses a task stage into the next actor stage unless the task pool's size differs
+    # from the actor pool's; fused, decoding would run inside the encoder actors (on the GPU
+    # actors' one CPU, or serialised with the model on a CPU actor), so the sizes are kept apart.
+    decoders = cfg.embed.decode_tasks or cluster_cpus()
+    decoders += decoders == actors
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"spec": encoder.spec},
+        batch_size=cfg.embed.decode_batch_size,
+        compute=ray.data.TaskPoolStrategy(size=decoders),
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={"backbone": cfg.backbone, "precision": precision, "use_gpu": gpus > 0},
+        batch_size=cfg.embed.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0,
+        num_cpus=cfg.embed.cpus_per_actor,
+    )
+    t_run, done_rows, skipped = time.perf_counter(), 0, []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ok = batch["ok"]
+        skipped += [{"id": i, "error": e} for i, e in zip(batch["id"][~ok], batch["error"][~ok])]
+        written = store.add(
+            batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], batch["error"]
+        )
+        done_rows += len(ok)
+        for k in written:
+            rate = done_rows / max(time.perf_counter() - t_run, 1e-9)
+            log.info("shard %d/%d written; %d/%d images, %.0f images/s", k + 1, store.num_shards, done_rows, n_rows, rate)
+        if msg := _too_many_bad(skipped, source.table.num_rows, cfg.data.max_bad_fraction, final=False):
+            raise DataError(msg)
+    if msg := _too_many_bad(store.skipped(), source.table.num_rows, cfg.data.max_bad_fraction, final=True):
+        raise DataError(msg)
+    elapsed = time.perf_counter() - t_run
+    manifest = store.finalize(
+        encoder.dim,
+        {"class_names": list(source.class_names), "source": source.origin, "images_per_s": round(done_rows / elapsed, 2)},
+    )
+    if manifest["skipped"]:
+        log.warning("%d unreadable images skipped (listed in %s/part-*.json)", manifest["skipped"], store.path)
+    log.info("embedding store %s complete: %d embeddings, D=%d", store.path, manifest["embedded"], encoder.dim)
+    return EmbedResult(store.path, manifest, False, done_rows, elapsed)

@@ -1,0 +1,211 @@
+"""The content-addressed embedding store: `<root>/<fingerprint>/part-*.parquet` + `manifest.json`.
+
+The fingerprint hashes everything that changes the vectors: the backbone identity (model,
+weights tag or checksum, preprocessing), the precision, the data set fingerprint and the
+shard size. A finished store is reused; an unfinished one is completed shard by shard; a
+different model or data set gets a different folder, so vectors never mix.
+
+A shard covers a fixed range of source rows. It is done when its marker `part-K.json` exists
+(written after the Parquet file, both by atomic rename). Rows whose image could not be read
+are listed in the marker; such shards are tried again on the next run until the store is
+complete, so a transient read error or a fixed image costs one shard, not the run.
+
+Record columns: `embedding` fixed_size_list<float32>[D], `label` int64, `split` string, `id` string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylt import __version__
+from raylt.errors import DataError
+
+STORE_FORMAT = 1
+
+
+def fingerprint(inputs: dict) -> str:
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def embedding_table(emb: np.ndarray, labels, splits, ids) -> pa.Table:
+    """The record schema, with the embedding as fixed_size_list<float32> (not Ray's tensor type)."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    flat = pa.array(emb.reshape(-1), pa.float32())
+    return pa.table(
+        {
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]),
+            "label": pa.array(np.asarray(labels, dtype=np.int64)),
+            "split": pa.array(list(splits), pa.string()),
+            "id": pa.array(list(ids), pa.string()),
+        }
+    )
+
+
+@dataclass
+class EmbeddingStore:
+    path: Path
+    inputs: dict
+    num_rows: int
+    shard_size: int
+    _buffers: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, root: Path, inputs: dict, num_rows: int) -> "EmbeddingStore":
+        inputs = {**inputs, "store_format": STORE_FORMAT}
+        path = Path(root) / fingerprint(inputs)
+        store = cls(path, inputs, num_rows, int(inputs["shard_size"]))
+        man = store.manifest()
+        if man is not None and man.get("inputs") != json.loads(json.dumps(inputs, default=str)):
+            raise DataError(f"embedding store {path} was made from other inputs; move it aside or pick another store.root")
+        if man is None:
+            path.mkdir(parents=True, exist_ok=True)
+            store._write_manifest(status="incomplete")
+        return store
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.shard_size)
+
+    def shard_rows(self, k: int) -> tuple[int, int]:
+        return k * self.shard_size, min((k + 1) * self.shard_size, self.num_rows)
+
+    def manifest(self) -> dict | None:
+        f = self.path / "manifest.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def is_complete(self) -> bool:
+        man = self.manifest()
+        return man is not None and man.get("status") == "complete"
+
+    def marker(self, k: int) -> dict | None:
+        f = self.path / f"part-{k:05d}.json"
+        if not f.is_file() or not (self.path / f"part-{k:05d}.parquet").is_file():
+            return None
+        return json.loads(f.read_text())
+
+    def pending_shards(self) -> list[int]:
+        """Shards to (re)compute: no marker yet, or a marker with unread images."""
+        if self.is_complete():
+            return []
+        out = []
+        for k in range(self.num_shards):
+            m = self.marker(k)
+            if m is None or m["skipped"]:
+                out.append(k)
+        return out
+
+    # ------------------------------------------------------------------ writing
+
+    def add(self, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray, labels, splits, ids, errors) -> list[int]:
+        """Buffer a batch of results; write every shard it completes. Returns the shards written."""
+        written = []
+        shard_of = rows // self.shard_size
+        for k in np.unique(shard_of):
+            sel = shard_of == k
+            buf = self._buffers.setdefault(int(k), [])
+            buf.append(
+                dict(rows=rows[sel], emb=emb[sel], ok=ok[sel], labels=np.asarray(labels)[sel],
+                     splits=np.asarray(splits, dtype=object)[sel], ids=np.asarray(ids, dtype=object)[sel],
+                     errors=np.asarray(errors, dtype=object)[sel])
+            )
+            lo, hi = self.shard_rows(int(k))
+            if sum(len(b["rows"]) for b in buf) == hi - lo:
+                self._write_shard(int(k), self._buffers.pop(int(k)))
+                written.append(int(k))
+        return written
+
+    def _write_shard(self, k: int, parts: list[dict]) -> None:
+        cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        order = np.argsort(cat["rows"], kind="stable")
+        cat = {key: v[order] for key, v in cat.items()}
+        lo, hi = self.shard_rows(k)
+        if not np.array_equal(cat["rows"], np.arange(lo, hi)):
+            raise RuntimeError(f"shard {k} received rows other than {lo}..{hi - 1} exactly once")
+        ok = cat["ok"]
+        table = embedding_table(cat["emb"][ok], cat["labels"][ok], cat["splits"][ok], cat["ids"][ok])
+        target = self.path / f"part-{k:05d}.parquet"
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, target)
+        skipped = [{"id": i, "error": e} for i, e in zip(cat["ids"][~ok], cat["errors"][~ok])]
+        _write_json(self.path / f"part-{k:05d}.json", {"rows": hi - lo, "embedded": int(ok.sum()), "skipped": skipped})
+
+    def skipped(self) -> list[dict]:
+        out = []
+        for k in range(self.num_shards):
+            m = self.marker(k)
+            if m is not None:
+                out += m["skipped"]
+        return out
+
+    def finalize(self, dim: int, extra: dict) -> dict:
+        """Mark the store complete once every shard is written; returns the manifest."""
+        markers = [self.marker(k) for k in range(self.num_shards)]
+        missing = [k for k, m in enumerate(markers) if m is None]
+        if missing:
+            raise RuntimeError(f"embedding store {self.path}: shards {missing[:5]} are missing")
+        files = [f"part-{k:05d}.parquet" for k in range(self.num_shards)]
+        split_rows: dict[str, int] = {}
+        for f in files:
+            for c in pq.read_table(self.path / f, columns=["split"])["split"].value_counts().to_pylist():
+                split_rows[c["values"]] = split_rows.get(c["values"], 0) + int(c["counts"])
+        return self._write_manifest(
+            status="complete",
+            dim=dim,
+            rows=self.num_rows,
+            embedded=sum(m["embedded"] for m in markers),
+            skipped=sum(len(m["skipped"]) for m in markers),
+            split_rows=split_rows,
+            files=files,
+            **extra,
+        )
+
+    def _write_manifest(self, **fields) -> dict:
+        man = {
+            "inputs": self.inputs,
+            "fingerprint": self.path.name,
+            "raylt_version": __version__,
+            "num_rows": self.num_rows,
+            "num_shards": self.num_shards,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **fields,
+        }
+        _write_json(self.path / "manifest.json", man)
+        return man
+
+
+def read_store(path: str | os.PathLike, split: str | None = None) -> pa.Table:
+    """All embedding records of a finished store (optionally one split)."""
+    path = Path(path)
+    man_file = path / "manifest.json"
+    if not man_file.is_file() or json.loads(man_file.read_text()).get("status") != "complete":
+        raise DataError(f"{path} is not a finished embedding store; run `raylt embed` to complete it")
+    files = [path / f for f in json.loads(man_file.read_text())["files"]]
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    if split is not None:
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.equal(table["split"], split))
+    return table

@@ -1,0 +1,53 @@
+"""Shared fixtures: one local Ray per session, tiny image trees and split files built on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    # address="local" never attaches to a cluster someone started on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_image(path: Path, color, size=(40, 30), mode="RGB", fmt=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    base = np.array(color, dtype=np.float64)[None, None, :] + rng.normal(0, 12, (size[1], size[0], 3))
+    Image.fromarray(base.clip(0, 255).astype(np.uint8)).convert(mode).save(path, format=fmt)
+    return path
+
+
+COLORS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40)]
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """<root>/{train,test}/<class>/*.png: 4 colour classes, long-tailed train (8, 5, 3, 2)."""
+    root = tmp_path / "tree"
+    for c, (name, n) in enumerate(zip(["red", "green", "blue", "yellow"], [8, 5, 3, 2])):
+        for i in range(n):
+            write_image(root / "train" / name / f"{i}.png", COLORS[c])
+        for i in range(2):
+            write_image(root / "test" / name / f"t{i}.jpg", COLORS[c])
+    return root
+
+
+def demo_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [f"store.root={tmp_path / 'store'}", *extra]

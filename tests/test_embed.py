@@ -1,0 +1,126 @@
+"""The embedding stage through real Ray Data on a session-scoped local Ray."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image
+
+from raylt.backbones import build_encoder
+from raylt.config import load_config
+from raylt.data import load_source
+from raylt.embed import run_embed
+from raylt.errors import DataError
+from raylt.images import decode_image
+from raylt.store import read_store
+
+pytestmark = pytest.mark.ray
+
+
+def folder_cfg(root, store, *extra):
+    return load_config(None, [
+        "data.source=folder", f"data.root={root}", f"store.root={store}",
+        "backbone.name=pixels", "backbone.image_size=8", "embed.shard_size=6", "embed.batch_size=4",
+        "embed.decode_batch_size=3", *extra,
+    ])
+
+
+def as_matrix(table):
+    return np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+
+
+def test_embeddings_match_a_direct_encode_of_each_image(ray_session, image_tree, tmp_path):
+    cfg = folder_cfg(image_tree, tmp_path / "store")
+    res = run_embed(cfg)
+    assert not res.reused and res.computed_rows == 26
+    man = res.manifest
+    assert man["status"] == "complete" and man["embedded"] == 26 and man["skipped"] == 0 and man["dim"] == 192
+    assert man["split_rows"] == {"train": 18, "test": 8} and man["class_names"] == ["blue", "green", "red", "yellow"]
+    assert man["inputs"]["backbone"] == {"backbone": "pixels", "size": 8, "weights": "none"}
+    table = read_store(res.store)
+    src = load_source(cfg.data)
+    assert table["id"].to_pylist() == src.table["id"].to_pylist()
+    assert table["label"].to_pylist() == src.table["label"].to_pylist()
+    enc = build_encoder(cfg.backbone)
+    direct = enc.encode(torch.from_numpy(np.stack([decode_image(p, enc.spec) for p in src.table["path"].to_pylist()])))
+    got = as_matrix(table)
+    assert got.dtype == np.float32 and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert np.allclose(got, direct.numpy(), atol=1e-5)
+    # pixel features separate the colour classes: every test image's nearest train image shares its label
+    train, test = table["split"].to_numpy(zero_copy_only=False) == "train", table["split"].to_numpy(zero_copy_only=False) == "test"
+    labels = table["label"].to_numpy()
+    nn = np.argmax(got[test] @ got[train].T, axis=1)
+    assert np.array_equal(labels[train][nn], labels[test])
+
+
+def test_rerun_reuses_the_store_and_resume_recomputes_only_lost_shards(ray_session, image_tree, tmp_path):
+    cfg = folder_cfg(image_tree, tmp_path / "store")
+    first = run_embed(cfg)
+    before = {p.name: p.stat().st_mtime_ns for p in first.store.glob("part-*")}
+    again = run_embed(cfg)
+    assert again.reused and again.computed_rows == 0 and again.store == first.store
+    assert {p.name: p.stat().st_mtime_ns for p in first.store.glob("part-*")} == before
+    # An interrupted run: the store is unfinished and shard 2 never got written.
+    man = json.loads((first.store / "manifest.json").read_text())
+    (first.store / "manifest.json").write_text(json.dumps({**man, "status": "incomplete"}))
+    (first.store / "part-00002.parquet").unlink()
+    (first.store / "part-00002.json").unlink()
+    resumed = run_embed(cfg)
+    assert not resumed.reused and resumed.computed_rows == 6
+    assert {p.name: p.stat().st_mtime_ns for p in first.store.glob("part-*") if "00002" not in p.name} == {
+        k: v for k, v in before.items() if "00002" not in k
+    }
+    assert np.array_equal(as_matrix(read_store(first.store)), as_matrix(read_store(resumed.store)))
+    assert resumed.manifest["embedded"] == 26
+
+
+def test_another_model_gets_its_own_store(ray_session, image_tree, tmp_path):
+    pixels = run_embed(folder_cfg(image_tree, tmp_path / "store"))
+    tiny = run_embed(folder_cfg(image_tree, tmp_path / "store", "backbone.name=open_clip", "backbone.model=raylt-tiny-vit"))
+    assert tiny.store != pixels.store and tiny.store.parent == pixels.store.parent
+    assert tiny.manifest["dim"] == 32 and pixels.manifest["dim"] == 192
+    assert tiny.manifest["inputs"]["backbone"]["model"] == "raylt-tiny-vit"
+    assert read_store(pixels.store).num_rows == 26 == read_store(tiny.store).num_rows
+
+
+def test_unreadable_images_are_counted_refused_above_the_limit_then_retried(ray_session, image_tree, tmp_path):
+    bad = [image_tree / "train" / "red" / "0.png", image_tree / "train" / "blue" / "1.png"]
+    for p in bad:
+        p.write_bytes(b"\x89PNG broken")
+    cfg = folder_cfg(image_tree, tmp_path / "store", "data.max_bad_fraction=0.01")
+    with pytest.raises(DataError) as e:
+        run_embed(cfg)
+    msg = str(e.value)
+    # 1% of 26 allows none, so the run stops at the first unreadable image, naming it.
+    assert "1 of 26 images already could not be read, above data.max_bad_fraction=0.01" in msg
+    assert ("train/red/0.png" in msg or "train/blue/1.png" in msg) and "\n" not in msg
+    assert "UnidentifiedImageError" in msg
+    # Once the images are fixed, the same store completes with every image.
+    for p in bad:
+        write_image(p, (200, 0, 0))
+    fixed = run_embed(cfg)
+    assert fixed.manifest["skipped"] == 0 and fixed.manifest["embedded"] == 26
+    assert fixed.store == run_embed(cfg).store
+
+
+def test_unreadable_images_under_the_limit_are_skipped_and_reported(ray_session, image_tree, tmp_path):
+    bad = [image_tree / "train" / "red" / "0.png", image_tree / "test" / "blue" / "t1.jpg"]
+    bad[0].write_bytes(b"")
+    bad[1].write_bytes(b"\xff\xd8 truncated jpeg")
+    res = run_embed(folder_cfg(image_tree, tmp_path / "store", "data.max_bad_fraction=0.1"))
+    assert res.manifest["skipped"] == 2 and res.manifest["embedded"] == 24
+    ids = read_store(res.store)["id"].to_pylist()
+    assert "train/red/0.png" not in ids and "test/blue/t1.jpg" not in ids and len(ids) == 24
+    markers = [json.loads(p.read_text()) for p in res.store.glob("part-*.json")]
+    assert sorted(s["id"] for m in markers for s in m["skipped"]) == ["test/blue/t1.jpg", "train/red/0.png"]
+
+
+def test_demo_config_embeds_offline(ray_session, tmp_path):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [f"store.root={tmp_path}"])
+    res = run_embed(cfg)
+    src = load_source(cfg.data)
+    assert res.manifest["embedded"] == src.table.num_rows and res.manifest["dim"] == 768
+    assert res.manifest["class_names"][0] == "zero"
