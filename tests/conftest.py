@@ -12,7 +12,18 @@ from PIL import Image
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# The real Places-LT / ImageNet-LT split files live beside the repository, never inside it.
+SHARED = Path(os.environ.get("RAYLT_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+
+
+def need_shared(sub: str) -> Path:
+    """The shared split-file folder; a skip on a developer's machine without it, a failure in CI."""
+    path = SHARED / sub
+    if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must have ../shared beside the repository")
+        pytest.skip(f"{path} not found; set RAYLT_SHARED_DATASETS to the shared datasets folder")
+    return path
 
 
 @pytest.fixture(scope="session")

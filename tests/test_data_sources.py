@@ -2,7 +2,7 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import SHARED, write_image
+from conftest import need_shared, write_image
 
 from raylt import longtail
 from raylt.config import DataConfig
@@ -10,12 +10,8 @@ from raylt.data import SOURCES, load_source
 from raylt.data.splitfile import parse_split_file
 from raylt.errors import ConfigError, DataError
 
-PLACES = SHARED / "places_lt"
-IMAGENET = SHARED / "imagenet_lt"
-
-
 def places_cfg(**kw):
-    base = dict(source="split_file", root="/data/places365", split_dir=str(PLACES),
+    base = dict(source="split_file", root="/data/places365", split_dir=str(need_shared("places_lt")),
                 splits={"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
                 class_names="classnames.txt")
     return DataConfig(**{**base, **kw})
@@ -47,7 +43,7 @@ def test_places_class_names_follow_folders_not_line_order():
 
 
 def test_imagenet_lt_names_from_keyed_file():
-    cfg = DataConfig(source="split_file", root="/data/in", split_dir=str(IMAGENET),
+    cfg = DataConfig(source="split_file", root="/data/in", split_dir=str(need_shared("imagenet_lt")),
                      splits={"train": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"}, class_names="classnames.txt")
     src = load_source(cfg)
     assert src.num_classes == 1000 and src.class_names[2] == "great white shark"
