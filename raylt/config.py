@@ -68,7 +68,8 @@ class EmbedConfig:
     decode_batch_size: int = 64  # images per CPU decode task batch
     num_actors: int = 0  # encoder actors; 0 = one per GPU, or CPUs - 1 on a CPU-only cluster
     decode_tasks: int = 0  # concurrent CPU decode tasks; 0 = the cluster's CPU count
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0  # CPUs Ray reserves per encoder actor
+    threads_per_actor: int = 0  # torch threads of a CPU encoder actor; 0 = cluster CPUs / actors
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     shard_size: int = 4096  # rows per Parquet shard; the unit of resume
 

@@ -44,9 +44,11 @@ class EmbedResult:
 class EncodeActor:
     """Ray Data actor: builds the frozen encoder once, then embeds decoded uint8 batches."""
 
-    def __init__(self, backbone: BackboneConfig, precision: str, use_gpu: bool):
+    def __init__(self, backbone: BackboneConfig, precision: str, use_gpu: bool, threads: int):
         import torch
 
+        if not use_gpu:
+            torch.set_num_threads(threads)
         self.torch = torch
         self.precision = precision
         self.encoder = build_encoder(backbone).to("cuda" if use_gpu else "cpu")
@@ -121,6 +123,10 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
         "embedding %d images (%d of %d shards) with %d %s actor(s), %s, into %s",
         n_rows, len(pending), store.num_shards, actors, "GPU" if gpus else "CPU", precision, store.path,
     )
+    # Ray pins an actor to as many threads as CPUs it reserves (OMP_NUM_THREADS); a CPU encoder
+    # is model-bound and decoding needs a small part of a core, so the actors share all CPUs
+    # while reserving one each, which leaves the decode tasks schedulable.
+    threads = cfg.embed.threads_per_actor or max(1, cluster_cpus() // actors)
     ds = ray.data.from_arrow(pending_blocks(source, store, pending, cfg.embed.decode_batch_size))
     # Ray Data fuses a task stage into the next actor stage unless the task pool's size differs
     # from the actor pool's; fused, decoding would run inside the encoder actors (on the GPU
@@ -136,7 +142,9 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
     )
     ds = ds.map_batches(
         EncodeActor,
-        fn_constructor_kwargs={"backbone": cfg.backbone, "precision": precision, "use_gpu": gpus > 0},
+        fn_constructor_kwargs={
+            "backbone": cfg.backbone, "precision": precision, "use_gpu": gpus > 0, "threads": threads,
+        },
         batch_size=cfg.embed.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,

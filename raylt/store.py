@@ -80,6 +80,9 @@ class EmbeddingStore:
         if man is None:
             path.mkdir(parents=True, exist_ok=True)
             store._write_manifest(status="incomplete")
+        # Half-written files of an interrupted run; never read, since only renamed files count.
+        for stale in path.glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
         return store
 
     # ------------------------------------------------------------------ state

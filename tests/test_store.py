@@ -75,3 +75,10 @@ def test_reading_an_unfinished_store_is_an_error(tmp_path):
     store = EmbeddingStore.open(tmp_path, INPUTS, 4)
     with pytest.raises(DataError, match="is not a finished embedding store"):
         read_store(store.path)
+
+
+def test_half_written_files_of_an_interrupted_run_are_cleared(tmp_path):
+    store = EmbeddingStore.open(tmp_path, INPUTS, num_rows=8)
+    (store.path / ".part-00000.parquet.tmp-123").write_bytes(b"PAR1 half")
+    store = EmbeddingStore.open(tmp_path, INPUTS, num_rows=8)
+    assert not list(store.path.glob(".*")) and store.pending_shards() == [0, 1]
