@@ -34,12 +34,19 @@ def cmd_embed(args) -> int:
     from raylt.config import load_config
     from raylt.embed import run_embed
 
+    from raylt import tracking
+
     cfg = load_config(args.config, args.overrides)
-    res = run_embed(cfg)
+    with tracking.start_run(cfg, "embed") as run:
+        res = run_embed(cfg)
+        if run is not None:
+            tracking.log_embed(res)
     m = res.manifest
     how = "reused" if res.reused else f"{res.computed_rows} images in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)"
     print(f"store: {res.store}")
     print(f"embeddings: {m['embedded']} (D={m['dim']}), skipped: {m['skipped']}, {how}")
+    if run is not None:
+        print(f"mlflow: run {run.info.run_id} in {tracking.tracking_uri(cfg)}")
     return 0
 
 

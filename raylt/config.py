@@ -87,6 +87,13 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current directory
+    experiment: str | None = None  # null: the config's `name`
+
+
+@dataclass(frozen=True)
 class RayltConfig:
     name: str = "raylt"
     seed: int = 0
@@ -95,6 +102,7 @@ class RayltConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from raylt.backbones import build_encoder
-from raylt.config import BackboneConfig, RayltConfig, expand_path
+from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, expand_path
 from raylt.data import Source, load_source
 from raylt.errors import DataError
 from raylt.images import decode_batch
@@ -44,14 +44,14 @@ class EmbedResult:
 class EncodeActor:
     """Ray Data actor: builds the frozen encoder once, then embeds decoded uint8 batches."""
 
-    def __init__(self, backbone: BackboneConfig, precision: str, use_gpu: bool, threads: int):
+    def __init__(self, backbone: BackboneConfig, plan: "ResourcePlan"):
         import torch
 
-        if not use_gpu:
-            torch.set_num_threads(threads)
+        if not plan.gpus_per_actor:
+            torch.set_num_threads(plan.threads_per_actor)
         self.torch = torch
-        self.precision = precision
-        self.encoder = build_encoder(backbone).to("cuda" if use_gpu else "cpu")
+        self.precision = plan.precision
+        self.encoder = build_encoder(backbone).to("cuda" if plan.gpus_per_actor else "cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"]
@@ -64,10 +64,33 @@ class EncodeActor:
         return out
 
 
-def resolve_precision(precision: str, use_gpu: bool) -> str:
-    if precision == "auto":
-        return "bf16" if use_gpu else "fp32"
-    return precision
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How the stage uses a cluster: encoder actors, their GPUs and threads, decode tasks."""
+
+    actors: int
+    gpus_per_actor: int
+    threads_per_actor: int
+    decode_tasks: int
+    precision: str
+
+
+def plan_resources(cfg: EmbedConfig, cpus: int, gpus: int) -> ResourcePlan:
+    """Pure: the plan for a cluster with `cpus` CPUs and `gpus` GPUs.
+
+    GPUs are asked for only when the cluster has them (asking on a CPU-only cluster waits
+    forever). On CPU, CPUs - 1 actors leave a CPU for decoding; Ray pins an actor to as many
+    threads as CPUs it reserves, but a CPU encoder is model-bound while decoding needs a small
+    part of a core, so the actors run `cpus / actors` threads each. Ray Data fuses a task stage
+    into the next actor stage unless the task pool's size differs from the actor pool's; fused,
+    decoding would run inside the encoder actors, so the two sizes are kept apart.
+    """
+    actors = cfg.num_actors or (gpus if gpus else max(1, cpus - 1))
+    threads = cfg.threads_per_actor or max(1, cpus // actors)
+    decoders = cfg.decode_tasks or max(1, cpus)
+    decoders += decoders == actors
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if gpus else "fp32")
+    return ResourcePlan(actors, 1 if gpus else 0, threads, decoders, precision)
 
 
 def pending_blocks(source: Source, store: EmbeddingStore, shards: list[int], block_rows: int) -> list[pa.Table]:
@@ -103,11 +126,10 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
     source = source or load_source(cfg.data)
     log.info("data: %s", source.summary())
     init_ray(cfg.ray)
-    gpus = cluster_gpus()
-    precision = resolve_precision(cfg.embed.precision, gpus > 0)
+    plan = plan_resources(cfg.embed, cluster_cpus(), cluster_gpus())
     inputs = {
         "backbone": encoder.identity,
-        "precision": precision,
+        "precision": plan.precision,
         "data": source.fingerprint(),
         "shard_size": cfg.embed.shard_size,
     }
@@ -117,37 +139,26 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
         log.info("embedding store %s is complete: reused", store.path)
         return EmbedResult(store.path, store.manifest(), True, 0, time.perf_counter() - t0)
 
-    n_rows = sum(np.subtract(*store.shard_rows(k)[::-1]) for k in pending)
-    actors = cfg.embed.num_actors or (gpus if gpus else max(1, cluster_cpus() - 1))
+    n_rows = sum(hi - lo for lo, hi in map(store.shard_rows, pending))
     log.info(
         "embedding %d images (%d of %d shards) with %d %s actor(s), %s, into %s",
-        n_rows, len(pending), store.num_shards, actors, "GPU" if gpus else "CPU", precision, store.path,
+        n_rows, len(pending), store.num_shards, plan.actors, "GPU" if plan.gpus_per_actor else "CPU",
+        plan.precision, store.path,
     )
-    # Ray pins an actor to as many threads as CPUs it reserves (OMP_NUM_THREADS); a CPU encoder
-    # is model-bound and decoding needs a small part of a core, so the actors share all CPUs
-    # while reserving one each, which leaves the decode tasks schedulable.
-    threads = cfg.embed.threads_per_actor or max(1, cluster_cpus() // actors)
     ds = ray.data.from_arrow(pending_blocks(source, store, pending, cfg.embed.decode_batch_size))
-    # Ray Data fuses a task stage into the next actor stage unless the task pool's size differs
-    # from the actor pool's; fused, decoding would run inside the encoder actors (on the GPU
-    # actors' one CPU, or serialised with the model on a CPU actor), so the sizes are kept apart.
-    decoders = cfg.embed.decode_tasks or cluster_cpus()
-    decoders += decoders == actors
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"spec": encoder.spec},
         batch_size=cfg.embed.decode_batch_size,
-        compute=ray.data.TaskPoolStrategy(size=decoders),
+        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
         num_cpus=1,
     )
     ds = ds.map_batches(
         EncodeActor,
-        fn_constructor_kwargs={
-            "backbone": cfg.backbone, "precision": precision, "use_gpu": gpus > 0, "threads": threads,
-        },
+        fn_constructor_kwargs={"backbone": cfg.backbone, "plan": plan},
         batch_size=cfg.embed.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if gpus else 0,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_gpus=plan.gpus_per_actor,
         num_cpus=cfg.embed.cpus_per_actor,
     )
     t_run, done_rows, skipped = time.perf_counter(), 0, []

@@ -10,6 +10,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _tracking_in_tmp(tmp_path, monkeypatch):
+    # The commands run in the repository: keep their MLflow database out of it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'default-mlflow.db'}")
+
+
 def raylt(*args, timeout=300):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     return subprocess.run([sys.executable, "-m", "raylt", *args], cwd=REPO, env=env, capture_output=True,
@@ -67,12 +73,35 @@ def test_list_models_names_open_clip_architectures():
 
 @pytest.mark.ray
 def test_embed_demo_writes_a_reusable_store(tmp_path):
-    first = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path}")
+    first = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path}", "tracking.enabled=false")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "embeddings: 877 (D=768), skipped: 0" in first.stdout
     assert "shard 2/2 written" in first.stderr or "shard 1/2 written" in first.stderr  # progress is shown
     store = Path(first.stdout.splitlines()[0].removeprefix("store: "))
     assert (store / "manifest.json").is_file() and store.parent == tmp_path
-    again = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path}")
+    again = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path}", "tracking.enabled=false")
     assert again.returncode == 0 and "reused" in again.stdout
     assert again.stdout.splitlines()[0] == first.stdout.splitlines()[0]
+
+
+@pytest.mark.ray
+def test_embed_logs_an_mlflow_run_with_config_metrics_and_manifest(tmp_path):
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    out = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{db}",
+                "embed.batch_size=100")
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_id = out.stdout.strip().splitlines()[-1].split()[2]
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    run = client.get_run(run_id)
+    assert run.data.params["embed.batch_size"] == "100" and run.data.params["data.source"] == "demo"
+    assert run.data.metrics["embed_embedded"] == 877 and run.data.metrics["embed_skipped"] == 0
+    assert client.get_experiment(run.info.experiment_id).name == "demo"
+    from urllib.parse import urlparse
+
+    artifacts = Path(urlparse(run.info.artifact_uri).path)
+    assert artifacts.is_relative_to(tmp_path / "mlartifacts")  # beside the database, not in the cwd
+    manifest = artifacts / "embedding_store" / "manifest.json"
+    assert manifest.is_file() and '"embedded": 877' in manifest.read_text()
+    assert run.data.tags["raylt.store"] in out.stdout
