@@ -36,7 +36,7 @@ class DataConfig:
     source: str = "demo"
     root: str | None = None  # image root: split-file paths and class folders are relative to it
     split_dir: str | None = None  # folder of split files; relative `splits` resolve against it
-    splits: Mapping[str, str] = field(default_factory=dict)  # split name -> split file / subfolder
+    splits: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))  # split -> file / folder
     class_names: str | None = None  # text file, one class per line in label order
     imbalance_ratio: float | None = None  # exponential long-tail profile on train (n_max / n_min)
     max_per_class: int | None = None  # head count of the long-tail profile (default: largest class)

@@ -103,22 +103,64 @@ def pending_blocks(source: Source, store: EmbeddingStore, shards: list[int], blo
     return blocks
 
 
-def _too_many_bad(skipped: list[dict], total: int, max_fraction: float, final: bool) -> str | None:
+def _too_many_bad(skipped: list[dict], total: int, max_fraction: float) -> str | None:
+    """The error once more images failed than `max_fraction` allows for the whole data set."""
     allowed = int(max_fraction * total)
     if len(skipped) <= allowed:
         return None
     first = "; ".join(f"{s['id']} ({s['error']})" for s in skipped[:5])
-    when = "" if final else " already"
     return (
-        f"{len(skipped)} of {total} images{when} could not be read, above data.max_bad_fraction={max_fraction}: "
+        f"{len(skipped)} of {total} images already could not be read, above data.max_bad_fraction={max_fraction}: "
         f"{first}. Fix or remove them (finished shards are kept), or raise data.max_bad_fraction"
     )
 
 
-def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
-    """Embed every image of the configured data set into the store, reusing finished work."""
+def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: ResourcePlan):
+    """Ray Data plan: blocks of source rows -> CPU decode tasks -> encoder actor pool."""
     import ray
 
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"spec": encoder.spec},
+        batch_size=cfg.embed.decode_batch_size,
+        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
+        num_cpus=1,
+    )
+    return ds.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={"backbone": cfg.backbone, "plan": plan},
+        batch_size=cfg.embed.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_gpus=plan.gpus_per_actor,
+        num_cpus=cfg.embed.cpus_per_actor,
+    )
+
+
+def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_bad_fraction: float) -> int:
+    """Write results to the store as they arrive; stop as soon as too many images fail.
+
+    Every shard with an unread image is pending, so this run sees all skips of the store.
+    """
+    t0, done, skipped = time.perf_counter(), 0, []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ok = batch["ok"]
+        written = store.add(
+            batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], batch["error"]
+        )
+        done += len(ok)
+        for k in written:
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            log.info("shard %d/%d written; %d/%d images, %.0f images/s", k + 1, store.num_shards, done, n_rows, rate)
+        # Checked after the shards this batch completed are written, so they are kept.
+        skipped += [{"id": i, "error": e} for i, e in zip(batch["id"][~ok], batch["error"][~ok])]
+        if msg := _too_many_bad(skipped, total, max_bad_fraction):
+            raise DataError(msg)
+    return done
+
+
+def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
+    """Embed every image of the configured data set into the store, reusing finished work."""
     from raylt.ray_utils import cluster_cpus, cluster_gpus, init_ray
 
     t0 = time.perf_counter()
@@ -145,43 +187,15 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
         n_rows, len(pending), store.num_shards, plan.actors, "GPU" if plan.gpus_per_actor else "CPU",
         plan.precision, store.path,
     )
-    ds = ray.data.from_arrow(pending_blocks(source, store, pending, cfg.embed.decode_batch_size))
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"spec": encoder.spec},
-        batch_size=cfg.embed.decode_batch_size,
-        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
-        num_cpus=1,
-    )
-    ds = ds.map_batches(
-        EncodeActor,
-        fn_constructor_kwargs={"backbone": cfg.backbone, "plan": plan},
-        batch_size=cfg.embed.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        num_gpus=plan.gpus_per_actor,
-        num_cpus=cfg.embed.cpus_per_actor,
-    )
-    t_run, done_rows, skipped = time.perf_counter(), 0, []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ok = batch["ok"]
-        skipped += [{"id": i, "error": e} for i, e in zip(batch["id"][~ok], batch["error"][~ok])]
-        written = store.add(
-            batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], batch["error"]
-        )
-        done_rows += len(ok)
-        for k in written:
-            rate = done_rows / max(time.perf_counter() - t_run, 1e-9)
-            log.info("shard %d/%d written; %d/%d images, %.0f images/s", k + 1, store.num_shards, done_rows, n_rows, rate)
-        if msg := _too_many_bad(skipped, source.table.num_rows, cfg.data.max_bad_fraction, final=False):
-            raise DataError(msg)
-    if msg := _too_many_bad(store.skipped(), source.table.num_rows, cfg.data.max_bad_fraction, final=True):
-        raise DataError(msg)
+    t_run = time.perf_counter()
+    ds = build_dataset(cfg, pending_blocks(source, store, pending, cfg.embed.decode_batch_size), encoder, plan)
+    done = stream_into_store(ds, store, n_rows, source.table.num_rows, cfg.data.max_bad_fraction)
     elapsed = time.perf_counter() - t_run
     manifest = store.finalize(
         encoder.dim,
-        {"class_names": list(source.class_names), "source": source.origin, "images_per_s": round(done_rows / elapsed, 2)},
+        {"class_names": list(source.class_names), "source": source.origin, "images_per_s": round(done / elapsed, 2)},
     )
     if manifest["skipped"]:
         log.warning("%d unreadable images skipped (listed in %s/part-*.json)", manifest["skipped"], store.path)
     log.info("embedding store %s complete: %d embeddings, D=%d", store.path, manifest["embedded"], encoder.dim)
-    return EmbedResult(store.path, manifest, False, done_rows, elapsed)
+    return EmbedResult(store.path, manifest, False, done, elapsed)

@@ -20,9 +20,13 @@ def test_layers_merge_in_order_and_overrides_win(tmp_path):
 
 
 def test_config_is_frozen():
+    import dataclasses
+
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.embed.batch_size = 3
+    with pytest.raises(TypeError):
+        cfg.data.splits["train"] = "x"  # mappings are read-only too
 
 
 @pytest.mark.parametrize(
