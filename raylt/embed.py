@@ -196,6 +196,8 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
         {"class_names": list(source.class_names), "source": source.origin, "images_per_s": round(done / elapsed, 2)},
     )
     if manifest["skipped"]:
-        log.warning("%d unreadable images skipped (listed in %s/part-*.json)", manifest["skipped"], store.path)
+        first = "; ".join(f"{s['id']} ({s['error']})" for s in store.skipped()[:3])
+        log.warning("%d unreadable images skipped, e.g. %s; all are listed in %s/part-*.json",
+                    manifest["skipped"], first, store.path)
     log.info("embedding store %s complete: %d embeddings, D=%d", store.path, manifest["embedded"], encoder.dim)
     return EmbedResult(store.path, manifest, False, done, elapsed)

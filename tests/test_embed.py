@@ -104,11 +104,13 @@ def test_unreadable_images_are_counted_refused_above_the_limit_then_retried(ray_
     assert fixed.store == run_embed(cfg).store
 
 
-def test_unreadable_images_under_the_limit_are_skipped_and_reported(ray_session, image_tree, tmp_path):
+def test_unreadable_images_under_the_limit_are_skipped_and_reported(ray_session, image_tree, tmp_path, caplog):
     bad = [image_tree / "train" / "red" / "0.png", image_tree / "test" / "blue" / "t1.jpg"]
     bad[0].write_bytes(b"")
     bad[1].write_bytes(b"\xff\xd8 truncated jpeg")
-    res = run_embed(folder_cfg(image_tree, tmp_path / "store", "data.max_bad_fraction=0.1"))
+    with caplog.at_level("WARNING", logger="raylt.embed"):
+        res = run_embed(folder_cfg(image_tree, tmp_path / "store", "data.max_bad_fraction=0.1"))
+    assert "2 unreadable images skipped, e.g." in caplog.text and "train/red/0.png (" in caplog.text
     assert res.manifest["skipped"] == 2 and res.manifest["embedded"] == 24
     ids = read_store(res.store)["id"].to_pylist()
     assert "train/red/0.png" not in ids and "test/blue/t1.jpg" not in ids and len(ids) == 24
