@@ -148,3 +148,20 @@ def test_resource_plan(overrides, cpus, gpus, expected):
     from raylt.embed import plan_resources
 
     assert asdict(plan_resources(load_config(None, overrides).embed, cpus, gpus)) == expected
+
+
+def test_class_statistics_reduced_over_store_shards_equal_the_one_shot_moments(ray_session, image_tree, tmp_path):
+    from raylt.stats import class_moments, load_moments, reduce_store, save_moments
+
+    res = run_embed(folder_cfg(image_tree, tmp_path / "store"))
+    assert res.manifest["num_shards"] == 5  # 26 rows in shards of 6: a real tree of merges
+    reduced = reduce_store(res.store, num_classes=4, rank=4)
+    train = read_store(res.store, split="train")
+    whole = class_moments(as_matrix(train), train["label"].to_numpy(), 4, rank=4)
+    assert list(reduced.counts) == [3, 5, 8, 2]
+    assert np.allclose(reduced.means, whole.means) and np.allclose(reduced.pooled, whole.pooled)
+    for c in range(4):
+        assert np.allclose(reduced.class_covariance(c), whole.class_covariance(c))
+    save_moments(reduced, tmp_path / "class_stats.npz", res.manifest["class_names"])
+    loaded, names = load_moments(tmp_path / "class_stats.npz")
+    assert names == ["blue", "green", "red", "yellow"] and np.array_equal(loaded.roots, reduced.roots)
