@@ -103,12 +103,16 @@ def pending_blocks(source: Source, store: EmbeddingStore, shards: list[int], blo
     return blocks
 
 
+def _offenders(skipped: list[dict], n: int) -> str:
+    return "; ".join(f"{s['id']} ({s['error']})" for s in skipped[:n])
+
+
 def _too_many_bad(skipped: list[dict], total: int, max_fraction: float) -> str | None:
     """The error once more images failed than `max_fraction` allows for the whole data set."""
     allowed = int(max_fraction * total)
     if len(skipped) <= allowed:
         return None
-    first = "; ".join(f"{s['id']} ({s['error']})" for s in skipped[:5])
+    first = _offenders(skipped, 5)
     return (
         f"{len(skipped)} of {total} images already could not be read, above data.max_bad_fraction={max_fraction}: "
         f"{first}. Fix or remove them (finished shards are kept), or raise data.max_bad_fraction"
@@ -196,8 +200,7 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
         {"class_names": list(source.class_names), "source": source.origin, "images_per_s": round(done / elapsed, 2)},
     )
     if manifest["skipped"]:
-        first = "; ".join(f"{s['id']} ({s['error']})" for s in store.skipped()[:3])
         log.warning("%d unreadable images skipped, e.g. %s; all are listed in %s/part-*.json",
-                    manifest["skipped"], first, store.path)
+                    manifest["skipped"], _offenders(store.skipped(), 3), store.path)
     log.info("embedding store %s complete: %d embeddings, D=%d", store.path, manifest["embedded"], encoder.dim)
     return EmbedResult(store.path, manifest, False, done, elapsed)

@@ -118,13 +118,20 @@ def merge(a: ClassMoments, b: ClassMoments) -> ClassMoments:
     return ClassMoments(n, means, pooled, roots)
 
 
-def merge_all(parts: list[ClassMoments]) -> ClassMoments:
-    """Pairwise tree merge: the depth, and so the rounding, grows with log(parts)."""
-    if not parts:
+def tree_reduce(items: list, fn):
+    """Pairwise tree of `fn` over items: depth, and so rounding, grows with log(len(items)).
+
+    `fn` may be a local merge or a Ray remote one (on object refs); the shape is the same.
+    """
+    if not items:
         raise ValueError("no moments to merge")
-    while len(parts) > 1:
-        parts = [merge(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
-    return parts[0]
+    while len(items) > 1:
+        items = [fn(items[i], items[i + 1]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
+    return items[0]
+
+
+def merge_all(parts: list[ClassMoments]) -> ClassMoments:
+    return tree_reduce(parts, merge)
 
 
 # ----------------------------------------------------------------------------- artifact
@@ -167,6 +174,4 @@ def reduce_store(store_path, num_classes: int, rank: int = 16, split: str = "tra
     shard_task = ray.remote(_shard_moments)
     merge_task = ray.remote(merge)
     refs = [shard_task.remote(f, split, num_classes, rank) for f in files]
-    while len(refs) > 1:
-        refs = [merge_task.remote(refs[i], refs[i + 1]) if i + 1 < len(refs) else refs[i] for i in range(0, len(refs), 2)]
-    return ray.get(refs[0])
+    return ray.get(tree_reduce(refs, merge_task.remote))
