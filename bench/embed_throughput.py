@@ -27,17 +27,24 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+def _make_image(args) -> None:
+    folder, i, classes, size, seed = args
+    rng = np.random.default_rng((seed, i))
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]] / max(size)
+    c = i % classes
+    base = np.stack([np.sin(xx * (c + 1) * 3 + k) for k in range(3)], axis=-1) * 100 + 128
+    img = (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
+    path = folder / "train" / f"class{c}" / f"{i:05d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, quality=90)
+
+
 def make_images(folder: Path, n: int, classes: int = 8, size=(500, 375), seed: int = 0) -> None:
     """Photo-sized JPEGs (smooth colour fields with noise), in an ImageFolder layout."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0 : size[1], 0 : size[0]] / max(size)
-    for i in range(n):
-        c = i % classes
-        base = np.stack([np.sin(xx * (c + 1) * 3 + k) for k in range(3)], axis=-1) * 100 + 128
-        img = (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
-        path = folder / "train" / f"class{c}" / f"{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(path, quality=90)
+    from multiprocessing import Pool
+
+    with Pool() as pool:
+        pool.map(_make_image, [(folder, i, classes, size, seed) for i in range(n)], chunksize=16)
 
 
 def plain_loop(paths: list[str], model_name: str, pretrained: str | None, batch: int, device: str) -> float:
@@ -79,6 +86,28 @@ def model_only(model_name: str, n: int, batch: int) -> float:
     return max(1, n // batch) * batch / (time.perf_counter() - t0)
 
 
+def _decode_chunk(args) -> int:
+    from raylt.images import DecodeSpec, decode_image
+
+    paths, size = args
+    spec = DecodeSpec(size, "shortest", "bicubic")
+    for p in paths:
+        decode_image(p, spec)
+    return len(paths)
+
+
+def decode_only(paths: list[str], size: int = 224) -> float:
+    """images/s of JPEG decode + resize alone, one process per CPU: the CPU-side ceiling."""
+    from multiprocessing import Pool
+
+    chunks = [(paths[i : i + 64], size) for i in range(0, len(paths), 64)]
+    with Pool() as pool:
+        pool.map(_decode_chunk, chunks[: os.cpu_count()])  # warm the processes
+        t0 = time.perf_counter()
+        n = sum(pool.map(_decode_chunk, chunks))
+    return n / (time.perf_counter() - t0)
+
+
 def ray_stage(folder: Path, store: Path, model_name: str, pretrained: str | None, batch: int, extra: list[str]):
     from raylt.config import load_config
     from raylt.embed import run_embed
@@ -100,9 +129,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--plain-images", type=int, default=1024, help="images for the (slow) plain loop; a rate, so a subset")
     ap.add_argument("--folder", type=Path, help="embed these images instead of generated ones (ImageFolder layout)")
     ap.add_argument("overrides", nargs="*", help="extra raylt config overrides for the Ray stage")
     args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     import torch
 
@@ -113,8 +146,9 @@ def main(argv=None) -> int:
             make_images(folder, args.images)
         paths = sorted(str(p) for p in folder.rglob("*.jpg"))
         res, total = ray_stage(folder, Path(tmp) / "store", args.model, args.pretrained, args.batch, args.overrides)
-        plain = plain_loop(paths, args.model, args.pretrained, args.batch, device)
-        ceiling = model_only(args.model, len(paths), args.batch) if device == "cuda" else None
+        decode = decode_only(paths)
+        plain = plain_loop(paths[: args.plain_images], args.model, args.pretrained, args.batch, device)
+        ceiling = model_only(args.model, max(len(paths), 8192), args.batch) if device == "cuda" else None
 
     import ray
 
@@ -122,6 +156,8 @@ def main(argv=None) -> int:
     print(f"\nembedding throughput, {args.model}, {len(paths)} JPEGs 500x375, batch {args.batch}, "
           f"{cpus} CPUs, {gpus} GPUs ({torch.cuda.get_device_name() if gpus else 'CPU only'})")
     print(f"  raylt Ray Data stage     {res.images_per_s:8.1f} images/s  (pipeline; {len(paths) / total:.1f} with Ray start-up)")
+    print(f"    after the first batch  {res.steady_images_per_s:8.1f} images/s  (first batch after {res.warmup_s:.1f} s)")
+    print(f"  decode only, {os.cpu_count()} procs {decode:8.1f} images/s  (CPU ceiling of the pipeline)")
     print(f"  plain PyTorch loop       {plain:8.1f} images/s")
     print(f"  ratio raylt / plain      {res.images_per_s / plain:8.2f}")
     if ceiling:

@@ -35,6 +35,13 @@ class EmbedResult:
     reused: bool
     computed_rows: int
     seconds: float
+    warmup_s: float = 0.0  # stage start to the first embedded batch: worker and model start-up
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """Throughput after the first batch arrived: what a long run approaches."""
+        span = self.seconds - self.warmup_s
+        return self.computed_rows / span if span > 0 else self.images_per_s
 
     @property
     def images_per_s(self) -> float:
@@ -141,14 +148,17 @@ def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: Resou
     )
 
 
-def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_bad_fraction: float) -> int:
+def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_bad_fraction: float) -> tuple[int, float]:
     """Write results to the store as they arrive; stop as soon as too many images fail.
 
     Every shard with an unread image is pending, so this run sees all skips of the store.
+    Returns the rows done and the seconds until the first batch arrived (start-up).
     """
-    t0, done, skipped = time.perf_counter(), 0, []
+    t0, done, skipped, warmup = time.perf_counter(), 0, [], None
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         ok = batch["ok"]
+        if warmup is None:
+            warmup = time.perf_counter() - t0
         written = store.add(
             batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], batch["error"]
         )
@@ -160,7 +170,7 @@ def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_ba
         skipped += [{"id": i, "error": e} for i, e in zip(batch["id"][~ok], batch["error"][~ok])]
         if msg := _too_many_bad(skipped, total, max_bad_fraction):
             raise DataError(msg)
-    return done
+    return done, warmup or 0.0
 
 
 def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
@@ -193,7 +203,7 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
     )
     t_run = time.perf_counter()
     ds = build_dataset(cfg, pending_blocks(source, store, pending, cfg.embed.decode_batch_size), encoder, plan)
-    done = stream_into_store(ds, store, n_rows, source.table.num_rows, cfg.data.max_bad_fraction)
+    done, warmup = stream_into_store(ds, store, n_rows, source.table.num_rows, cfg.data.max_bad_fraction)
     elapsed = time.perf_counter() - t_run
     manifest = store.finalize(
         encoder.dim,
@@ -203,4 +213,4 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
         log.warning("%d unreadable images skipped, e.g. %s; all are listed in %s/part-*.json",
                     manifest["skipped"], _offenders(store.skipped(), 3), store.path)
     log.info("embedding store %s complete: %d embeddings, D=%d", store.path, manifest["embedded"], encoder.dim)
-    return EmbedResult(store.path, manifest, False, done, elapsed)
+    return EmbedResult(store.path, manifest, False, done, elapsed, warmup)
