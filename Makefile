@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 demo: install
-	$(BIN)/raylt embed configs/demo.yaml
+	$(BIN)/raylt run configs/demo.yaml --baseline
 
 test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
+	$(BIN)/python bench/head_fit.py
 	$(BIN)/python bench/embed_throughput.py
 
 lock: install

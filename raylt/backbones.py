@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from raylt.config import BackboneConfig
@@ -122,6 +123,26 @@ class OpenClipEncoder:
         x = (x - self.mean) / self.std
         with _autocast(self.device, precision):
             return _l2(self.model.encode_image(x))
+
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text-tower embeddings (CLIP's other half), [len(texts), D]."""
+        import open_clip
+
+        model = self.identity["model"]
+        tokenizer = open_clip.get_tokenizer(model[len("local-dir:"):] if model.startswith("local-dir:") else model)
+        out = [self.model.encode_text(tokenizer(texts[s : s + 256]).to(self.device)) for s in range(0, len(texts), 256)]
+        return _l2(torch.cat(out))
+
+
+def text_embeddings(cfg: BackboneConfig, class_names: list[str], prompt: str = "a photo of a {}.") -> np.ndarray:
+    """[C, D] CLIP text embeddings of the class names, for text-initialised heads."""
+    encoder = build_encoder(cfg)
+    if not hasattr(encoder, "encode_text"):
+        raise BackboneError(f"head.text_init needs a backbone with a text tower; {cfg.name!r} has none (use open_clip)")
+    names = [n.replace("_", " ").split("/")[-1] for n in class_names]
+    return encoder.encode_text([prompt.format(n) for n in names]).cpu().numpy()
 
 
 def file_checksum(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -1,4 +1,4 @@
-"""The `raylt` command: `embed`, `config`, `list`.
+"""The `raylt` command: `run`, `fit`, `embed`, `config`, `list`.
 
 Errors caused by input (config, data, weights) print as one line, `raylt: error: ...`, and
 exit with status 2; anything else is a bug and keeps its traceback.
@@ -50,6 +50,50 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def _table(results) -> str:
+    """Overall / many / medium / few of each fit, one row per recipe."""
+    rows = ["| recipe | overall | many | medium | few |", "|---|---|---|---|---|"]
+    for label, r in results:
+        cells = [r.metrics.get(k) for k in ("overall", "many", "medium", "few")]
+        rows.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(rows)
+
+
+def _report(cfg, results) -> None:
+    from raylt import tracking
+
+    labels = [f"{cfg.sampler.name} sampler, {cfg.head.loss} loss", "baseline: CE head, real only"]
+    print(_table(list(zip(labels, results))))
+    for r in results:
+        print(f"metrics: {r.out / 'metrics.json'}")
+        if r.run_id:
+            print(f"mlflow: run {r.run_id} in {tracking.tracking_uri(cfg)} (model {r.model_uri})")
+
+
+def cmd_run(args) -> int:
+    from raylt.config import load_config
+    from raylt.pipeline import run
+
+    cfg = load_config(args.config, args.overrides)
+    _report(cfg, run(cfg, baseline=args.baseline))
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from raylt.config import load_config
+    from raylt.embeddings import open_embeddings
+    from raylt.pipeline import baseline_config, fit
+
+    cfg = load_config(args.config, args.overrides)
+    es = open_embeddings(args.embeddings, args.class_names)
+    out = Path(args.out).expanduser().resolve()
+    results = [fit(cfg, es, out)]
+    if args.baseline:
+        results.append(fit(baseline_config(cfg), es, out / "baseline", run_name="baseline"))
+    _report(cfg, results)
+    return 0
+
+
 def _list_configs() -> list[str]:
     if not CONFIG_DIR.is_dir():
         return []
@@ -60,7 +104,11 @@ def cmd_list(args) -> int:
     from raylt.backbones import BACKBONES
     from raylt.data import SOURCES
 
-    sections = [("backbones", BACKBONES.describe()), ("data sources", SOURCES.describe())]
+    from raylt.heads import HEADS, LOSSES
+    from raylt.sampling import SAMPLERS
+
+    sections = [("backbones", BACKBONES.describe()), ("data sources", SOURCES.describe()),
+                ("samplers", SAMPLERS.describe()), ("heads", HEADS.describe()), ("losses", LOSSES.describe())]
     for title, rows in sections:
         print(f"{title}:")
         for name, help in rows:
@@ -90,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="the whole pipeline: embed, class stats, sampler, head (Ray Train), evaluation")
+    _config_args(p)
+    p.add_argument("--baseline", action="store_true", help="also fit the plain CE head on real embeddings and compare")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("fit", help="fit and evaluate a head on precomputed embeddings (Parquet or a store)")
+    p.add_argument("--embeddings", required=True, help="Parquet file or folder (embedding, label, split) or a store")
+    p.add_argument("--out", required=True, help="output folder: metrics.json, per_class.png, head, checkpoints")
+    p.add_argument("--config", help="YAML config (see configs/); defaults if omitted")
+    p.add_argument("--class-names", help="text file, one class name per line in label order")
+    p.add_argument("--baseline", action="store_true", help="also fit the plain CE head on real embeddings and compare")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. sampler.target=200")
+    p.set_defaults(fn=cmd_fit)
     p = sub.add_parser("embed", help="embed a data set into the embedding store (Ray Data)")
     _config_args(p)
     p.set_defaults(fn=cmd_embed)

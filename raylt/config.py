@@ -93,6 +93,54 @@ class TrackingConfig:
     experiment: str | None = None  # null: the config's `name`
 
 
+def _min(v: float) -> dict:
+    return {"min": v}
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Per-class latent statistics (raylt.stats)."""
+
+    rank: int = field(default=16, metadata=_min(1))  # low-rank part kept per class: C x rank x D floats
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Synthetic embeddings (raylt.sampling; `raylt list` shows the samplers)."""
+
+    name: str = "gaussian"  # registry: none, gaussian, free_lunch
+    target: int = field(default=100, metadata=_min(0))  # every class topped up to this many per epoch
+    kappa: float = field(default=20.0, metadata=_min(0))  # shrinkage lambda_c = n_c / (n_c + kappa)
+    neighbours: int = field(default=5, metadata=_min(1))  # nearest classes a covariance borrows from
+    eps: float = field(default=0.05, metadata=_min(0))  # ridge, x mean within-class variance (free_lunch: alpha)
+    base_min: int = field(default=20, metadata=_min(2))  # free_lunch: base classes have at least this many
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The trained classifier (raylt.heads)."""
+
+    name: str = "linear"  # registry: linear, cosine
+    scale: float = field(default=16.0, metadata=_min(0))  # cosine logit scale (and text-init weight norm)
+    text_init: bool = False  # start from CLIP text embeddings of "a photo of a {class name}."
+    loss: str = "logit_adjusted"  # registry: ce, logit_adjusted, balanced_softmax (default: bench/head_fit.py)
+    tau: float = 1.0  # logit_adjusted: weight of the log prior
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The Ray Train stage that fits the head."""
+
+    epochs: int = field(default=30, metadata=_min(1))
+    batch_size: int = field(default=256, metadata=_min(1))  # real embeddings per step and worker
+    lr: float = field(default=1e-2, metadata=_min(0))  # AdamW, cosine schedule
+    weight_decay: float = field(default=1e-4, metadata=_min(0))
+    num_workers: int = field(default=1, metadata=_min(1))
+    use_gpu: bool = False
+    cpus_per_worker: float = field(default=0.5, metadata=_min(0))  # below 1 so Ray Data keeps a CPU
+    output_dir: str = "outputs"  # runs write <output_dir>/<name>/: metrics, plot, checkpoints
+
+
 @dataclass(frozen=True)
 class RayltConfig:
     name: str = "raylt"
@@ -101,6 +149,10 @@ class RayltConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -202,7 +254,11 @@ def _build(cls, tree: Mapping, origin: Mapping[str, str], prefix: str):
     kwargs = {}
     for f in dataclasses.fields(cls):  # declaration order, so the first error is always the same
         if f.name in tree:
-            kwargs[f.name] = _convert(hints[f.name], tree[f.name], prefix + f.name, origin)
+            key = prefix + f.name
+            kwargs[f.name] = value = _convert(hints[f.name], tree[f.name], key, origin)
+            low = f.metadata.get("min")
+            if low is not None and value is not None and value < low:
+                raise ConfigError(f"config key {key!r} {_in(origin, key)} must be >= {low}, got {value!r}")
     return cls(**kwargs)
 
 

@@ -3,7 +3,9 @@
 Input: embeddings X [N, D] and labels y [N]. Output: `ClassMoments` with per-class counts
 [C], means [C, D], the pooled within-class scatter [D, D] (sum over classes of
 sum_i (x_i - mu_c)(x_i - mu_c)^T), and per class a root R_c [r, D] with R_c^T R_c the best
-rank-r approximation of that class's scatter, r = `rank`.
+rank-r approximation of that class's scatter, r = `rank`, and the trace of each class's
+scatter [C] (what the root misses is trace - |R_c|_F^2, spread along the pooled shape when
+sampling; see `raylt.calibrate`).
 
 Memory stays bounded for many classes: full per-class D x D matrices for 8,142 classes at
 D = 768 would take 19 GB in float32; roots of rank 16 take 0.8 GB in float64.
@@ -30,6 +32,7 @@ class ClassMoments:
     means: np.ndarray  # [C, D] float64
     pooled: np.ndarray  # [D, D] float64 within-class scatter, summed over classes
     roots: np.ndarray  # [C, r, D] float64, R_c^T R_c ~ class scatter
+    traces: np.ndarray  # [C] float64, trace of each class's scatter (exact)
 
     @property
     def num_classes(self) -> int:
@@ -54,7 +57,11 @@ class ClassMoments:
         return r.T @ r / max(int(self.counts[c]) - 1, 1)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.counts, self.means, self.pooled, self.roots))
+        return sum(a.nbytes for a in (self.counts, self.means, self.pooled, self.roots, self.traces))
+
+    def residuals(self) -> np.ndarray:
+        """[C] scatter each class's root leaves out (0 while its scatter has rank <= r)."""
+        return np.clip(self.traces - np.einsum("crd,crd->c", self.roots, self.roots), 0.0, None)
 
 
 def _truncate(stacked: np.ndarray, rank: int) -> np.ndarray:
@@ -92,10 +99,13 @@ def class_moments(x: np.ndarray, y: np.ndarray, num_classes: int, rank: int = 16
         means[present] = np.add.reduceat(xs, starts[present], axis=0) / counts[present, None]
     xs -= np.repeat(means, counts, axis=0)  # centred in place, still sorted by class
     pooled = xs.T @ xs
+    traces = np.zeros(num_classes)
+    if len(present):
+        traces[present] = np.add.reduceat(np.einsum("nd,nd->n", xs, xs), starts[present])
     roots = np.zeros((num_classes, rank, d))
     for c in np.flatnonzero(counts > 1):
         roots[c] = _truncate(xs[starts[c] : starts[c] + counts[c]], rank)
-    return ClassMoments(counts, means, pooled, roots)
+    return ClassMoments(counts, means, pooled, roots, traces)
 
 
 def merge(a: ClassMoments, b: ClassMoments) -> ClassMoments:
@@ -109,13 +119,14 @@ def merge(a: ClassMoments, b: ClassMoments) -> ClassMoments:
     w = a.counts * b.counts / safe  # zero where either side lacks the class
     weighted = delta * np.sqrt(w)[:, None]
     pooled = a.pooled + b.pooled + weighted.T @ weighted
+    traces = a.traces + b.traces + np.einsum("cd,cd->c", weighted, weighted)
     roots = a.roots.copy()
     both = np.flatnonzero(w > 0)
     only_b = np.flatnonzero((a.counts == 0) & (b.counts > 0))
     roots[only_b] = b.roots[only_b]
     for c in both:
         roots[c] = _truncate(np.vstack([a.roots[c], b.roots[c], weighted[c][None]]), a.rank)
-    return ClassMoments(n, means, pooled, roots)
+    return ClassMoments(n, means, pooled, roots, traces)
 
 
 def tree_reduce(items: list, fn):
@@ -138,40 +149,45 @@ def merge_all(parts: list[ClassMoments]) -> ClassMoments:
 
 
 def save_moments(m: ClassMoments, path, class_names: list[str] | tuple[str, ...]) -> None:
-    np.savez(path, counts=m.counts, means=m.means, pooled=m.pooled, roots=m.roots,
+    np.savez(path, counts=m.counts, means=m.means, pooled=m.pooled, roots=m.roots, traces=m.traces,
              class_names=np.asarray(class_names, dtype=str))
 
 
 def load_moments(path) -> tuple[ClassMoments, list[str]]:
     with np.load(path, allow_pickle=False) as z:  # no pickle: the artifact may come from elsewhere
-        m = ClassMoments(z["counts"], z["means"], z["pooled"], z["roots"])
+        m = ClassMoments(z["counts"], z["means"], z["pooled"], z["roots"], z["traces"])
         return m, [str(n) for n in z["class_names"]]
 
 
 # ----------------------------------------------------------------------------- Ray adapter
 
 
-def _shard_moments(path: str, split: str, num_classes: int, rank: int) -> ClassMoments:
+def _shard_moments(path: str, split: str, num_classes: int, rank: int, transform=None) -> ClassMoments:
     import pyarrow.parquet as pq
 
+    from raylt.embeddings import _dim, _table_arrays
+
     t = pq.read_table(path, columns=["embedding", "label"], filters=[("split", "=", split)])
-    dim = t.schema.field("embedding").type.list_size
-    x = t["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return class_moments(x, t["label"].to_numpy(), num_classes, rank)
+    x, y = _table_arrays(t, _dim(path, pq.read_schema(path)))
+    return class_moments(transform(x) if transform else x, y, num_classes, rank)
+
+
+def reduce_moments(files: list[str], num_classes: int, rank: int = 16, split: str = "train", transform=None) -> ClassMoments:
+    """Moments of one split of Parquet embedding files: a Ray task per file, a tree of merges.
+
+    `transform` (a picklable function of [N, D] arrays) maps embeddings first. The files are
+    read by the tasks, so on a cluster they must be on shared storage.
+    """
+    import ray
+
+    shard_task = ray.remote(_shard_moments)
+    merge_task = ray.remote(merge)
+    refs = [shard_task.remote(f, split, num_classes, rank, transform) for f in files]
+    return ray.get(tree_reduce(refs, merge_task.remote))
 
 
 def reduce_store(store_path, num_classes: int, rank: int = 16, split: str = "train") -> ClassMoments:
-    """Moments of one split of a finished embedding store: a task per shard, a tree of merges.
+    """Moments of one split of a finished embedding store."""
+    from raylt.embeddings import open_embeddings
 
-    The shards are read by the tasks, so on a cluster the store must be on shared storage.
-    """
-    import json
-    from pathlib import Path
-
-    import ray
-
-    files = [str(Path(store_path) / f) for f in json.loads((Path(store_path) / "manifest.json").read_text())["files"]]
-    shard_task = ray.remote(_shard_moments)
-    merge_task = ray.remote(merge)
-    refs = [shard_task.remote(f, split, num_classes, rank) for f in files]
-    return ray.get(tree_reduce(refs, merge_task.remote))
+    return reduce_moments(list(open_embeddings(store_path).files), num_classes, rank, split)

@@ -88,3 +88,29 @@ def log_embed(result) -> None:
     })
     mlflow.set_tags({"raylt.store": str(result.store), "raylt.store_reused": str(result.reused), "raylt.dim": m["dim"]})
     mlflow.log_dict(m, "embedding_store/manifest.json")
+
+
+def worker_target(run) -> dict | None:
+    """Where Ray Train's rank 0 logs per-epoch metrics: this run, through this tracking URI."""
+    if run is None:
+        return None
+    import mlflow
+
+    return {"uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id}
+
+
+def log_fit(metrics: dict, out: Path, stats_file: Path | None, model_meta: dict) -> str:
+    """Final metrics, metrics.json, the per-class plot, the class statistics and the model."""
+    import mlflow
+
+    from raylt.pyfunc import log_model
+
+    final = {f"test_{k}": metrics[k] for k in ("overall", "many", "medium", "few") if metrics.get(k) is not None}
+    final.update({k: v for k, v in metrics["seconds"].items()})
+    final["synthetic_per_epoch"] = metrics["synthetic_per_epoch"]
+    mlflow.log_metrics({k: float(v) for k, v in final.items()})
+    mlflow.log_artifact(str(out / "metrics.json"))
+    mlflow.log_artifact(str(out / "per_class.png"))
+    if stats_file is not None:
+        mlflow.log_artifact(str(stats_file), artifact_path="class_stats")
+    return log_model(out / "head.npz", model_meta, out)

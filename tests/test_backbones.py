@@ -98,3 +98,13 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path):
     torch.save({"visual.proj": torch.zeros(3, 3)}, ckpt)
     with pytest.raises(BackboneError, match="cannot load open_clip weights for raylt-tiny-vit"):
         build_encoder(BackboneConfig(name="open_clip", model="raylt-tiny-vit", pretrained=str(ckpt)))
+
+
+def test_text_embeddings_of_class_names_for_text_initialised_heads():
+    from raylt.backbones import text_embeddings
+
+    t = text_embeddings(TINY, ["desert/sand", "field_road", "abbey"])
+    assert t.shape == (3, 32) and np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    assert not np.allclose(t[0], t[1])  # different names, different directions
+    with pytest.raises(BackboneError, match="head.text_init needs a backbone with a text tower"):
+        text_embeddings(BackboneConfig(name="pixels"), ["a"])

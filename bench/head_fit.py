@@ -1,0 +1,119 @@
+"""Head fitting on a Places-LT-sized embedding set: raylt's recipe against its peers, one run.
+
+Data: CLIP-like long-tailed embeddings (raylt.simulate) with the real Places-LT train profile
+(365 classes, 62,500 images, read from ../shared/datasets/places_lt when present), D = 512,
+100 test images per class. Peers, on the same embeddings:
+- scikit-learn LogisticRegression (lbfgs, multinomial), plain and class_weight="balanced";
+- the closed-form shared-covariance Gaussian head (LDA) from the same class statistics,
+  with a uniform prior (the test set is balanced): the reference the recipe must beat or become.
+raylt rows time the pure core in this process (statistics, calibration, head training);
+Ray adds a fixed start-up that is not the method's cost.
+
+    python bench/head_fit.py                 # full size
+    python bench/head_fit.py --scale 0.2     # a fifth of the images, for a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raylt.config import load_config  # noqa: E402
+from raylt.evaluate import evaluate  # noqa: E402
+from raylt.simulate import LatentSpec, clip_like, places_lt_profile  # noqa: E402
+
+
+def places_counts() -> np.ndarray:
+    f = ROOT.parent / "shared" / "datasets" / "places_lt" / "Places_LT_train.txt"
+    if not f.is_file():
+        return places_lt_profile()
+    labels = np.array([int(line.split()[1]) for line in f.read_text().splitlines() if line.strip()])
+    return np.bincount(labels)
+
+
+def lda_head(m, ridge: float = 1e-3):
+    """W = S^-1 mu_c, b = -mu_c S^-1 mu_c / 2 (uniform prior), S the pooled covariance."""
+    s = m.pooled_covariance()
+    s = s + ridge * np.trace(s) / len(s) * np.eye(len(s))
+    w = np.linalg.solve(s, m.means.T).T
+    return lambda x: x @ w.T - 0.5 * np.einsum("cd,cd->c", w, m.means)
+
+
+def row(name, seconds, r):
+    bal = np.nanmean(np.array([np.nan if a is None else a for a in r["per_class"]]))
+    print(f"| {name} | {seconds:.1f} | {r['overall']:.4f} | {bal:.4f} | {r['many']:.4f} | {r['medium']:.4f} | {r['few']:.4f} |")
+
+
+def raylt_fit(x, y, xt, yt, counts, overrides):
+    from raylt.sampling import build_gaussians
+    from raylt.stats import class_moments
+    from raylt.train import fit_local, predict_logits
+
+    cfg = load_config(None, overrides)
+    t0 = time.perf_counter()
+    g = None
+    if cfg.sampler.name != "none":
+        from raylt.sampling import TRANSFORMS
+
+        fwd = TRANSFORMS["tukey" if cfg.sampler.name == "free_lunch" else "identity"][0]
+        g = build_gaussians(cfg.sampler.name, class_moments(fwd(x), y, len(counts), cfg.stats.rank), cfg.sampler)
+    head = fit_local(x, y, counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed)
+    secs = time.perf_counter() - t0
+    return secs, evaluate(predict_logits(head, xt).argmax(1), yt, counts, [str(i) for i in range(len(counts))])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of the train images per class (min 1)")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-sklearn", action="store_true")
+    ap.add_argument("--recipe", action="append", default=[], help="extra raylt recipe as comma-separated overrides")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    counts = np.maximum(np.round(places_counts() * args.scale), 1).astype(np.int64)
+    x_all, y_all, s_all = clip_like(counts, 100, LatentSpec(dim=args.dim, seed=args.seed))
+    tr, te = s_all == "train", s_all == "test"
+    x, y, xt, yt = x_all[tr], y_all[tr], x_all[te], y_all[te]
+    names = [str(i) for i in range(len(counts))]
+    print(f"\nhead fitting: {len(counts)} classes, {len(y)} train embeddings ({counts.max()} down to {counts.min()}), "
+          f"D={args.dim}, {len(yt)} test; {torch.get_num_threads()} torch threads\n")
+    print("| head | fit s | top-1 | balanced | many | medium | few |")
+    print("|---|---|---|---|---|---|---|")
+    recipes = {"raylt default (gaussian sampler, logit-adjusted)": [],
+               "raylt real only (plain CE head)": ["sampler.name=none", "head.loss=ce"]}
+    recipes.update({r: r.split(",") for r in args.recipe})
+    results = {}
+    for name, ov in recipes.items():
+        results[name] = raylt_fit(x, y, xt, yt, counts, ov)
+        row(name, *results[name])
+
+    from raylt.stats import class_moments
+
+    t0 = time.perf_counter()
+    lda = lda_head(class_moments(x, y, len(counts), rank=1))
+    secs = time.perf_counter() - t0
+    row("closed-form LDA (same class statistics)", secs, evaluate(lda(xt).argmax(1), yt, counts, names))
+    if not args.no_sklearn:
+        from sklearn.linear_model import LogisticRegression
+
+        for label, cw in (("scikit-learn LogisticRegression", None), ("scikit-learn LogisticRegression, balanced", "balanced")):
+            t0 = time.perf_counter()
+            lr = LogisticRegression(max_iter=200, class_weight=cw, C=10.0).fit(x, y)
+            secs = time.perf_counter() - t0
+            row(label, secs, evaluate(lr.predict(xt), yt, counts, names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""imagenet_lt: the whole pipeline (embed, class statistics, sampler, Ray Train head, evaluation, MLflow).
+
+    ray job submit --working-dir . -- python jobs/imagenet_lt.py \
+        data.root=/shared/imagenet data.split_dir=/shared/imagenet_lt \
+        store.root=/shared/raylt/store train.output_dir=/shared/raylt/outputs \
+        tracking.uri=sqlite:////shared/raylt/mlflow.db
+
+Paths must be absolute on shared storage (README, "On a Ray cluster"); more overrides may follow.
+"""
+
+import sys
+
+from raylt.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", "configs/imagenet_lt.yaml", *sys.argv[1:]]))

@@ -1,0 +1,145 @@
+"""Embedding inputs of the latent stages: a finished store, or any Parquet file or folder.
+
+Input columns (design brief section 2): `embedding` (fixed_size_list<float32>[D] or a list
+of floats), `label` (integer >= 0), `split` (train / val / test); `id` is optional. Class
+names come from the store's manifest, else from an optional text file (one per line, in
+label order), else `class_<i>`. Output: `EmbeddingSet`, the validated description every
+later stage reads from (files, D, classes, counts per split), and arrays or Ray datasets of
+one split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raylt.errors import DataError
+
+log = logging.getLogger(__name__)
+REQUIRED = ("embedding", "label", "split")
+
+
+@dataclass(frozen=True)
+class EmbeddingSet:
+    path: Path
+    files: tuple[str, ...]
+    dim: int
+    class_names: tuple[str, ...]
+    counts: Mapping[str, np.ndarray]  # split -> [C] images per class
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        return self.counts["train"]
+
+
+def _files(path: Path) -> tuple[list[Path], dict | None]:
+    if (path / "manifest.json").is_file():
+        man = json.loads((path / "manifest.json").read_text())
+        if man.get("status") != "complete":
+            raise DataError(f"{path} is not a finished embedding store; run `raylt embed` to complete it")
+        return [path / f for f in man["files"]], man
+    if path.is_file():
+        return [path], None
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+        if files:
+            return files, None
+        raise DataError(f"{path} holds no .parquet files; pass a Parquet file, a folder of them, or an embedding store")
+    raise DataError(f"embeddings {path} do not exist; pass a Parquet file, a folder of them, or an embedding store")
+
+
+def _dim(f: Path, schema: pa.Schema) -> int:
+    missing = [c for c in REQUIRED if c not in schema.names]
+    if missing:
+        raise DataError(f"embeddings file {f} lacks column(s) {missing}; it needs {list(REQUIRED)}")
+    t = schema.field("embedding").type
+    if pa.types.is_fixed_size_list(t):
+        return t.list_size
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        first = pq.read_table(f, columns=["embedding"]).slice(0, 1)["embedding"].to_pylist()
+        return len(first[0]) if first else 0
+    raise DataError(f"column 'embedding' of {f} is {t}, not a list of floats")
+
+
+def open_embeddings(path, class_names_file: str | None = None) -> EmbeddingSet:
+    """Validate an embeddings input and count its images per split and class."""
+    path = Path(path).expanduser().resolve()
+    files, manifest = _files(path)
+    dims, labels, splits = set(), [], []
+    for f in files:
+        dims.add(_dim(f, pq.read_schema(f)))
+        t = pq.read_table(f, columns=["label", "split"])
+        if not pa.types.is_integer(t.schema.field("label").type):
+            raise DataError(f"column 'label' of {f} is {t.schema.field('label').type}, not integers")
+        labels.append(t["label"].to_numpy(zero_copy_only=False).astype(np.int64))
+        splits.append(t["split"].to_numpy(zero_copy_only=False).astype(str))
+    if len(dims) != 1:
+        raise DataError(f"embeddings under {path} have mixed sizes {sorted(dims)}; use one model's embeddings")
+    y, s = np.concatenate(labels), np.concatenate(splits)
+    if len(y) and y.min() < 0:
+        raise DataError(f"embeddings under {path} have negative labels (e.g. {int(y.min())}); labels are 0..C-1")
+    names = _class_names(manifest, class_names_file, int(y.max()) + 1 if len(y) else 0, path)
+    counts = {sp: np.bincount(y[s == sp], minlength=len(names)) for sp in sorted(set(s))}
+    if "train" not in counts:
+        raise DataError(f"embeddings under {path} have no 'train' split (splits: {sorted(counts)})")
+    return EmbeddingSet(path, tuple(map(str, files)), dims.pop(), names, counts)
+
+
+def _class_names(manifest: dict | None, file: str | None, num_labels: int, path: Path) -> tuple[str, ...]:
+    if file:
+        names = [ln.strip() for ln in Path(file).expanduser().read_text().splitlines() if ln.strip()]
+    elif manifest and manifest.get("class_names"):
+        names = list(manifest["class_names"])
+    else:
+        return tuple(f"class_{i}" for i in range(num_labels))
+    if num_labels > len(names):
+        raise DataError(f"embeddings under {path} have label {num_labels - 1} but only {len(names)} class names")
+    return tuple(names)
+
+
+def _table_arrays(t: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    col = t["embedding"].combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):
+        col = col.cast(pa.list_(pa.float32(), dim))
+    x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    return x, t["label"].to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def read_split(es: EmbeddingSet, split: str, transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [N, D] float32, labels [N]) of one split, in file order."""
+    xs, ys = [], []
+    for f in es.files:
+        t = pq.read_table(f, columns=["embedding", "label", "split"])
+        x, y = _table_arrays(t.filter(pc.equal(t["split"], split)), es.dim)
+        xs.append(transform(x) if transform else x)
+        ys.append(y)
+    if not xs:
+        return np.zeros((0, es.dim), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def ray_dataset(es: EmbeddingSet, split: str):
+    """A Ray dataset of one split, columns `embedding` (float32 tensors) and `label`."""
+    import ray
+
+    ds = ray.data.read_parquet(list(es.files), columns=["embedding", "label", "split"])
+    ds = ds.filter(expr=f"split == {split!r}")
+    dim = es.dim
+
+    def to_tensor(batch: pa.Table) -> dict:
+        x, y = _table_arrays(batch, dim)
+        return {"embedding": x, "label": y}
+
+    return ds.map_batches(to_tensor, batch_format="pyarrow")

@@ -1,0 +1,112 @@
+"""The logged model: an MLflow pyfunc that predicts class probabilities.
+
+Input of `predict`: embeddings, as a 2-D array or a DataFrame with an `embedding` column of
+float lists; or images, as a DataFrame with an `image` column of encoded bytes (PNG, JPEG),
+which the model decodes and embeds with its backbone when that backbone's weights are
+available where it is loaded. Output: a DataFrame of probabilities, one column per class name.
+
+The head is plain numpy (`head.npz`: kind, weight, bias, scale), so predicting from
+embeddings needs neither torch nor Ray. raylt's own code travels with the model
+(`code_paths`), so `mlflow.pyfunc.load_model` works in a fresh process. It is logged as a
+model from code (raylt/pyfunc_model.py), so no pickle is written; loading a model still runs
+its code: load models only from runs you trust.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import mlflow.pyfunc
+
+    _Base = mlflow.pyfunc.PythonModel
+except ImportError:  # the module must import without mlflow for `head_logits`
+    _Base = object
+
+
+def save_head(state: dict, kind: str, scale: float, path: Path) -> None:
+    """The trained head's parameters (a torch state dict) as numpy arrays."""
+    w = state["weight"].detach().cpu().numpy().astype(np.float32)
+    b = state["bias"].detach().cpu().numpy().astype(np.float32) if "bias" in state else np.zeros(len(w), np.float32)
+    np.savez(path, kind=np.asarray(kind), weight=w, bias=b, scale=np.float32(scale))
+
+
+def load_head(path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {"kind": str(z["kind"]), "weight": z["weight"], "bias": z["bias"], "scale": float(z["scale"])}
+
+
+def head_logits(head: dict, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if head["kind"] == "cosine":
+        w = head["weight"] / np.linalg.norm(head["weight"], axis=1, keepdims=True).clip(1e-12)
+        return head["scale"] * (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)) @ w.T
+    return x @ head["weight"].T + head["bias"]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class HeadModel(_Base):
+    def load_context(self, context) -> None:
+        self.head = load_head(context.artifacts["head"])
+        meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.class_names = meta["class_names"]
+        self.backbone = meta.get("backbone")
+        self._encoder = None
+
+    def _embed_images(self, images) -> np.ndarray:
+        import torch
+
+        from raylt.backbones import build_encoder
+        from raylt.config import BackboneConfig
+        from raylt.images import decode_image
+
+        if self._encoder is None:
+            if not self.backbone:
+                raise ValueError("this model was trained on embeddings without a known backbone; pass embeddings")
+            self._encoder = build_encoder(BackboneConfig(**self.backbone))
+        pixels = np.stack([decode_image(bytes(b), self._encoder.spec) for b in images])
+        return self._encoder.encode(torch.from_numpy(pixels)).numpy()
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            if "image" in model_input.columns:
+                x = self._embed_images(model_input["image"].tolist())
+            elif "embedding" in model_input.columns:
+                x = np.stack([np.asarray(v, dtype=np.float32) for v in model_input["embedding"]])
+            else:
+                x = model_input.to_numpy(dtype=np.float32)  # one column per dimension
+        else:
+            x = np.asarray(model_input, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.head["weight"].shape[1]:
+            raise ValueError(f"expected embeddings of size {self.head['weight'].shape[1]}, got shape {x.shape}")
+        return pd.DataFrame(softmax(head_logits(self.head, x)), columns=self.class_names)
+
+
+def log_model(head_path: Path, meta: dict, workdir: Path) -> str:
+    """Log the pyfunc model into the active MLflow run; returns its model URI."""
+    import mlflow
+
+    import raylt
+
+    meta_path = workdir / "model_meta.json"
+    meta_path.write_text(json.dumps(meta))
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+        artifacts={"head": str(head_path), "meta": str(meta_path)},
+        code_paths=[str(Path(raylt.__file__).parent)],
+        # Explicit: inferring them would load the model and import everything it imports.
+        pip_requirements=[f"numpy=={np.__version__}", f"pandas=={__import__('pandas').__version__}",
+                          f"mlflow=={mlflow.__version__}"],
+    )
+    return info.model_uri

@@ -1,0 +1,89 @@
+"""CLIP-like long-tailed embeddings, generated: a stand-in for real CLIP features in tests and
+benchmarks when no pretrained model or data set is at hand.
+
+What it imitates in CLIP image embeddings (unit norm, D = 512 or 768):
+- a large component shared by all images (CLIP embeddings of unrelated photos have cosine
+  similarity around 0.5), which a head must learn to ignore;
+- super-classes: groups of classes whose means share a direction, so that the nearest
+  classes are the confusable ones (as with "desert/sand" and "desert_road");
+- several modes per class (viewpoints, sub-types), so a class is not one Gaussian;
+- anisotropic within-class spread: a shared low-rank factor (lighting, background) plus
+  class-specific directions plus isotropic noise.
+The train split follows a given count per class (e.g. the real Places-LT profile); val and
+test are balanced. Output columns are the embedding contract: `embedding`, `label`, `split`, `id`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    dim: int = 512
+    classes_per_group: int = 8
+    modes: tuple[int, int] = (1, 4)  # modes per class, drawn uniformly from [lo, hi)
+    shared: float = 0.8  # norm of the component common to all images (before normalisation)
+    group: float = 0.45  # spread of super-class directions
+    spread: float = 0.08  # spread of class means within their super-class
+    mode: float = 0.08  # spread of modes around the class mean
+    noise: float = 1.0  # within-mode noise norm (isotropic + low-rank + class-specific)
+    seed: int = 0
+
+
+def _unit(rng, n, d):
+    v = rng.normal(size=(n, d))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def clip_like(train_counts, eval_per_class: int = 100, spec: LatentSpec = LatentSpec(), splits=("test",)):
+    """(embeddings [N, D] float32, labels [N] int64, split names [N]) for the given profile."""
+    rng = np.random.default_rng(spec.seed)
+    counts = np.asarray(train_counts, dtype=np.int64)
+    c, d = len(counts), spec.dim
+    common = _unit(rng, 1, d)[0] * spec.shared
+    groups = _unit(rng, (c + spec.classes_per_group - 1) // spec.classes_per_group, d) * spec.group
+    means = common + groups[np.arange(c) // spec.classes_per_group] + _unit(rng, c, d) * spec.spread
+    basis = np.linalg.qr(rng.normal(size=(d, 24)))[0]  # shared nuisance directions
+    xs, ys, ss = [], [], []
+    for k in range(c):
+        m = rng.integers(*spec.modes)
+        centres = means[k] + _unit(rng, m, d) * spec.mode
+        own = np.linalg.qr(rng.normal(size=(d, 8)))[0]  # class-specific directions
+        for split, n in [("train", counts[k])] + [(s, eval_per_class) for s in splits]:
+            which = rng.integers(0, m, n)
+            z = (rng.normal(size=(n, d)) * (0.5 / np.sqrt(d))
+                 + rng.normal(size=(n, 24)) @ basis.T * (0.6 / np.sqrt(24))
+                 + rng.normal(size=(n, 8)) @ own.T * (0.6 / np.sqrt(8))) * spec.noise
+            x = centres[which] + z
+            xs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+            ys.append(np.full(n, k))
+            ss.append(np.full(n, split))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64), np.concatenate(ss)
+
+
+def places_lt_profile() -> np.ndarray:
+    """The real Places-LT train counts (365 classes, 4,980 down to 5; 62,500 images), from
+    the exponential fit 4980 * (5/4980)^(i/364) rescaled to its total, when the split file is
+    not at hand."""
+    i = np.arange(365)
+    raw = 4980 * (5 / 4980) ** (i / 364)
+    return np.maximum(np.round(raw * 62500 / raw.sum()), 5).astype(np.int64)
+
+
+def write_parquet(x: np.ndarray, y: np.ndarray, split: np.ndarray, path: Path, class_names=None) -> Path:
+    """The embedding contract as one Parquet file (plus classnames.txt beside it if given)."""
+    import pyarrow.parquet as pq
+
+    from raylt.store import embedding_table
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = np.array([f"sim/{i}" for i in range(len(y))])
+    pq.write_table(embedding_table(x, y, split, ids), path)
+    if class_names is not None:
+        (path.parent / "classnames.txt").write_text("\n".join(class_names) + "\n")
+    return path

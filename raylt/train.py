@@ -1,0 +1,125 @@
+"""Head training (pure core, torch): one epoch over real batches mixed with synthetic ones.
+
+Input: an iterator of real (embeddings [B, D], labels [B]) batches, this worker's synthetic
+labels for the epoch and a sampler. Each real batch is joined by the next slice of synthetic
+labels, drawn on the spot, so synthetic embeddings are spread evenly over the epoch and
+never materialised; whatever is left after the last real batch forms synthetic-only batches.
+The Ray Train adapter (raylt.train_ray) feeds it Ray Data shards; tests and benchmarks feed
+it arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from raylt.config import TrainConfig
+from raylt.sampling import GaussianSampler
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    real: int
+    synthetic: int
+    steps: int
+
+
+def make_optimizer(head: nn.Module, cfg: TrainConfig):
+    """AdamW with a per-epoch cosine schedule (per epoch, so a checkpoint holds it whole)."""
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+
+
+def _mixed(real: Iterable, syn: torch.Tensor, per_batch: int, batch_size: int) -> Iterator:
+    """(x, y, synthetic labels) per step: real batches first, each with a synthetic slice."""
+    pos = 0
+    for x, y in real:
+        take = syn[pos : pos + per_batch]
+        pos += len(take)
+        yield x, y, take
+    for s in range(pos, len(syn), batch_size):
+        yield None, None, syn[s : s + batch_size]
+
+
+def run_epoch(
+    head: nn.Module,
+    loss_fn: Callable,
+    opt: torch.optim.Optimizer,
+    real: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    sampler: GaussianSampler | None,
+    syn_labels: np.ndarray,
+    expected_batches: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> EpochStats:
+    head.train()
+    device = next(head.parameters()).device
+    syn = torch.as_tensor(syn_labels if sampler is not None else np.zeros(0, np.int64), device=device)
+    per_batch = math.ceil(len(syn) / max(expected_batches, 1))
+    total, n_real, n_syn, steps = 0.0, 0, 0, 0
+    for x, y, lab in _mixed(real, syn, per_batch, batch_size):
+        parts_x, parts_y = ([x], [y]) if x is not None else ([], [])
+        if len(lab):
+            parts_x.append(sampler.sample(lab, generator))
+            parts_y.append(lab)
+        if not parts_x:
+            continue
+        bx, by = torch.cat(parts_x).to(device, torch.float32), torch.cat(parts_y).to(device)
+        loss = loss_fn(head(bx), by)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(by)
+        n_real += 0 if x is None else len(x)
+        n_syn += len(lab)
+        steps += 1
+    return EpochStats(total / max(n_real + n_syn, 1), n_real, n_syn, steps)
+
+
+@torch.no_grad()
+def predict_logits(head: nn.Module, x: np.ndarray, batch: int = 65536) -> np.ndarray:
+    head.eval()
+    device = next(head.parameters()).device
+    out = [head(torch.as_tensor(x[s : s + batch], device=device)).float().cpu().numpy() for s in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def epoch_generator(seed: int, epoch: int, rank: int, device="cpu") -> torch.Generator:
+    """The synthetic stream's generator: a function of (seed, epoch, worker rank) only."""
+    mixed = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+def iterate_arrays(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Shuffled in-memory batches: the local (no Ray) path of tests and benchmarks."""
+    order = rng.permutation(len(y))
+    for s in range(0, len(y), batch_size):
+        i = order[s : s + batch_size]
+        yield torch.from_numpy(x[i]), torch.from_numpy(y[i])
+
+
+def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target: int, seed: int, init=None):
+    """The whole head fit in this process (no Ray): the same epochs the Ray workers run."""
+    from raylt.heads import build_head, build_loss
+    from raylt.sampling import synthetic_counts, worker_labels
+
+    torch.manual_seed(seed)
+    head = build_head(head_cfg.name, x.shape[1], len(counts), head_cfg.scale, init)
+    syn_counts = synthetic_counts(counts, target, gaussians.valid) if gaussians is not None else np.zeros_like(counts)
+    loss_fn = build_loss(head_cfg.loss, counts + syn_counts, head_cfg.tau)
+    opt, sched = make_optimizer(head, train_cfg)
+    sampler = GaussianSampler(gaussians) if gaussians is not None else None
+    rng = np.random.default_rng(seed)
+    for epoch in range(train_cfg.epochs):
+        labels = worker_labels(syn_counts, seed, epoch, 0, 1)
+        batches = iterate_arrays(x, y, train_cfg.batch_size, rng)
+        run_epoch(head, loss_fn, opt, batches, sampler, labels, math.ceil(len(y) / train_cfg.batch_size),
+                  train_cfg.batch_size, epoch_generator(seed, epoch, 0))
+        sched.step()
+    return head

@@ -1,0 +1,205 @@
+"""Ray Train adapter of the head stage: `TorchTrainer` workers run `raylt.train.run_epoch`.
+
+Input: a Ray dataset of real train embeddings (split across workers), optionally a val
+dataset (whole on every worker, scored by rank 0), the calibrated `Gaussians` (an object
+ref) and the config. Output: the head's state dict, from the last checkpoint.
+
+Checkpoints: rank 0 saves head, optimizer, schedule and epoch every epoch; every worker
+reports each epoch (Ray Train needs the same number of reports from all). Re-running with
+the same `RunConfig(name, storage_path)` resumes from the last checkpoint; a checkpoint of
+a different config is refused rather than silently continued. Per-epoch metrics go to MLflow
+from rank 0, into the driver's run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raylt.config import to_dict
+from raylt.errors import RayltError
+
+log = logging.getLogger(__name__)
+
+
+def fit_key(cfg) -> str:
+    """What a checkpoint must agree with to be resumed: everything that shapes training."""
+    keep = {k: to_dict(cfg)[k] for k in ("seed", "stats", "sampler", "head", "train")}
+    keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("output_dir", "cpus_per_worker")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _evaluate_val(head, val_shard, device) -> float:
+    hit = n = 0
+    with torch.no_grad():
+        head.eval()
+        for b in val_shard.iter_torch_batches(batch_size=8192, device=device):
+            hit += int((head(b["embedding"].float()).argmax(1) == b["label"]).sum())
+            n += len(b["label"])
+    return hit / max(n, 1)
+
+
+def _log_mlflow(tracking: dict | None, metrics: dict, epoch: int) -> None:
+    if not tracking:
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking["uri"]).log_batch(
+        tracking["run_id"],
+        metrics=[_metric(k, v, epoch) for k, v in metrics.items() if k != "epoch"],
+    )
+
+
+def _metric(key, value, step):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)
+
+
+def train_loop(config: dict) -> None:
+    """The per-worker loop (Ray Train)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from raylt.heads import build_head, build_loss
+    from raylt.sampling import GaussianSampler, worker_labels
+    from raylt.train import epoch_generator, make_optimizer, run_epoch
+
+    cfg, key = config["cfg"], config["key"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # same initial head on every rank
+    head = build_head(cfg.head.name, config["dim"], config["num_classes"], cfg.head.scale, config["init"])
+    head = ray.train.torch.prepare_model(head)
+    plain = head.module if hasattr(head, "module") else head
+    opt, sched = make_optimizer(head, cfg.train)
+    gaussians = ray.get(config["gaussians"]) if config["gaussians"] is not None else None
+    sampler = GaussianSampler(gaussians, device) if gaussians is not None else None
+    syn_counts = np.asarray(config["syn_counts"])
+    loss_fn = build_loss(cfg.head.loss, np.asarray(config["train_counts"]) + syn_counts, cfg.head.tau)
+    start = _resume(plain, opt, sched, key)
+    shard = ray.train.get_dataset_shard("train")
+    val = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    x, y = _read_shard(shard, device) if start < cfg.train.epochs else (None, None)
+    expected = math.ceil(len(y) / cfg.train.batch_size) if y is not None else 0
+    for epoch in range(start, cfg.train.epochs):
+        gen = epoch_generator(cfg.seed, epoch, rank, device)
+        order = torch.randperm(len(y), device=device, generator=gen)
+        batches = ((x[i], y[i]) for i in order.split(cfg.train.batch_size))
+        labels = worker_labels(syn_counts, cfg.seed, epoch, rank, world)
+        st = run_epoch(head, loss_fn, opt, batches, sampler, labels, expected, cfg.train.batch_size, gen)
+        sched.step()
+        metrics = {"epoch": epoch, "train_loss": st.loss, "train_real": st.real, "train_synthetic": st.synthetic}
+        if rank == 0 and val is not None:
+            metrics["val_top1"] = _evaluate_val(plain, val, device)
+        _report(plain, opt, sched, epoch, key, metrics, rank)
+        if rank == 0:
+            _log_mlflow(config["tracking"], metrics, epoch)
+
+
+def _read_shard(shard, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This worker's real embeddings, read once from its Ray Data shard and kept in memory.
+
+    Embeddings are small (2 KB each at D = 512): one pass over the shard, then every epoch
+    shuffles in memory, instead of a new streaming execution per epoch (seconds each).
+    """
+    xs, ys = [], []
+    for b in shard.iter_torch_batches(batch_size=65536, device=device,
+                                      dtypes={"embedding": torch.float32, "label": torch.int64}):
+        xs.append(b["embedding"])
+        ys.append(b["label"])
+    if not xs:
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _resume(head, opt, sched, key: str) -> int:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    if state["key"] != key:
+        raise RayltError("the run's checkpoints were made with a different config; use another `name` or output dir")
+    head.load_state_dict(state["head"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return int(state["epoch"]) + 1
+
+
+def _report(head, opt, sched, epoch: int, key: str, metrics: dict, rank: int) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        state = {"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "epoch": epoch, "key": key}
+        torch.save(state, Path(d) / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _previous_key(run_dir: Path) -> str | None:
+    """The config key of the newest checkpoint of an earlier run in this folder, if any."""
+    states = sorted(run_dir.glob("checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return None
+    return torch.load(states[-1], map_location="cpu", weights_only=True)["key"]
+
+
+def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, tracking: dict | None) -> dict:
+    """Run the trainer to completion (or resume it); the head's final state dict."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    # Ray Train V2 workers hand each report to the controller through a queue of one, which
+    # the controller empties once per health check (2 s by default): every epoch's report
+    # would wait up to 2 s. The variable is propagated from the driver to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    key = fit_key(cfg)
+    previous = _previous_key(storage / "train")
+    if previous not in (None, key):
+        raise RayltError(
+            f"{storage} holds checkpoints of a different config; pass another `name` (or --out) to start a new run"
+        )
+    config = {
+        "cfg": cfg, "key": key, "gaussians": ray.put(gaussians) if gaussians is not None else None,
+        "tracking": tracking, "has_val": val_ds is not None, **info,
+    }
+    datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    if state["key"] != config["key"]:
+        raise RayltError(f"{storage} holds a finished run of a different config; use another `name` or output dir")
+    return state["head"]

@@ -1,0 +1,146 @@
+"""The whole pipeline on a local Ray: demo images -> store -> stats -> Ray Train head -> MLflow."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raylt.config import load_config
+from raylt.embeddings import open_embeddings, read_split
+from raylt.errors import RayltError
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_session, tmp_path_factory):
+    from raylt.pipeline import run
+
+    tmp = tmp_path_factory.mktemp("demo")
+    cfg = load_config(REPO / "configs/demo.yaml", [
+        f"store.root={tmp / 'store'}", f"train.output_dir={tmp / 'out'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+    ])
+    return cfg, run(cfg, baseline=True), tmp
+
+
+def test_default_recipe_beats_the_plain_ce_head_on_few_shot_classes(demo_run):
+    cfg, (recipe, baseline), _ = demo_run
+    assert recipe.metrics["few"] > baseline.metrics["few"] + 0.1, (recipe.metrics, baseline.metrics)
+    assert recipe.metrics["overall"] > baseline.metrics["overall"]
+    assert recipe.metrics["synthetic_per_epoch"] > 0 and baseline.metrics["synthetic_per_epoch"] == 0
+
+
+def test_metrics_file_and_mlflow_run_agree(demo_run):
+    import mlflow
+
+    cfg, (recipe, _), tmp = demo_run
+    on_disk = json.loads((recipe.out / "metrics.json").read_text())
+    assert on_disk["overall"] == recipe.metrics["overall"] and len(on_disk["per_class"]) == 10
+    assert (recipe.out / "per_class.png").stat().st_size > 10_000
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.get_run(recipe.run_id)
+    assert run.data.metrics["test_overall"] == pytest.approx(on_disk["overall"])
+    assert run.data.metrics["test_few"] == pytest.approx(on_disk["few"])
+    assert run.data.params["sampler.name"] == "gaussian"
+    history = client.get_metric_history(recipe.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(cfg.train.epochs))  # one per epoch, from rank 0
+    assert history[-1].value < history[0].value
+    names = {a.path for a in client.list_artifacts(recipe.run_id)}
+    assert {"metrics.json", "per_class.png", "class_stats"} <= names
+
+
+def test_logged_model_reloads_and_predicts_in_a_fresh_process(demo_run, tmp_path):
+    cfg, (recipe, _), tmp = demo_run
+    es = open_embeddings(next((tmp / "store").glob("*/manifest.json")).parent)
+    x, y = read_split(es, "test")
+    np.save(tmp_path / "x.npy", x[:50])
+    code = (
+        "import sys, numpy as np, mlflow\n"
+        f"mlflow.set_tracking_uri('sqlite:///{tmp / 'mlflow.db'}')\n"
+        f"p = mlflow.pyfunc.load_model('{recipe.model_uri}').predict(np.load('{tmp_path / 'x.npy'}'))\n"
+        "print(list(p.columns)[:2], p.to_numpy().sum(1).min(), ','.join(map(str, p.to_numpy().argmax(1))))\n"
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cols, total, preds = out.stdout.strip().rsplit(" ", 2)[0], float(out.stdout.split()[-2]), out.stdout.split()[-1]
+    assert cols.startswith("['zero', 'one']") and total == pytest.approx(1.0, abs=1e-5)
+    from raylt.pyfunc import head_logits, load_head
+
+    assert preds == ",".join(map(str, head_logits(load_head(recipe.out / "head.npz"), x[:50]).argmax(1)))
+
+
+def test_logged_model_predicts_from_image_bytes(demo_run):
+    """The demo's backbone needs no weights, so the model embeds images itself."""
+    import mlflow
+    import pandas as pd
+    import pyarrow.compute as pc
+
+    from raylt.data import load_source
+    from raylt.pyfunc import head_logits, load_head
+
+    cfg, (recipe, _), tmp = demo_run
+    table = load_source(cfg.data).table
+    test = table.filter(pc.equal(table["split"], "test")).slice(0, 20)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+    probs = mlflow.pyfunc.load_model(recipe.model_uri).predict(pd.DataFrame({"image": test["image"].to_pylist()}))
+    es = open_embeddings(next((tmp / "store").glob("*/manifest.json")).parent)
+    x, _ = read_split(es, "test")  # the store keeps source order, so the first 20 test rows match
+    assert list(probs.to_numpy().argmax(1)) == list(head_logits(load_head(recipe.out / "head.npz"), x[:20]).argmax(1))
+
+
+def test_same_config_and_seed_give_the_same_metrics_and_a_rerun_resumes(demo_run):
+    from raylt.pipeline import fit
+
+    cfg, (recipe, _), tmp = demo_run
+    es = open_embeddings(next((tmp / "store").glob("*/manifest.json")).parent)
+    again = fit(cfg, es, tmp / "again")
+    assert again.metrics["per_class"] == recipe.metrics["per_class"]
+    checkpoints = sorted((recipe.out / "train").glob("checkpoint_*"))
+    resumed = fit(cfg, es, recipe.out)  # the same run again: every epoch is checkpointed, none re-run
+    assert resumed.metrics["per_class"] == recipe.metrics["per_class"]
+    assert sorted((recipe.out / "train").glob("checkpoint_*")) == checkpoints
+    other = load_config(REPO / "configs/demo.yaml", [f"train.output_dir={tmp / 'out'}", "head.loss=balanced_softmax",
+                                                     f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"])
+    with pytest.raises(RayltError, match="different config"):
+        fit(other, es, recipe.out)
+
+
+def test_fit_command_on_own_embeddings(tmp_path):
+    from raylt.simulate import clip_like, write_parquet
+
+    counts = np.array([120] * 4 + [30] * 4 + [3] * 8)
+    x, y, s = clip_like(counts, 20, splits=("val", "test"))
+    write_parquet(x, y, s, tmp_path / "emb" / "part-0.parquet", [f"kind {i}" for i in range(16)])
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "raylt", "-q", "fit", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "o"),
+         "--class-names", str(tmp_path / "emb" / "classnames.txt"), "--baseline", "train.epochs=3",
+         "tracking.enabled=false", "ray.num_cpus=2"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["class_names"][:2] == ["kind 0", "kind 1"] and m["num_test"] == 16 * 20 and m["split"] == "test"
+    assert "| gaussian sampler, logit_adjusted loss |" in out.stdout and "| baseline: CE head, real only |" in out.stdout
+    assert (tmp_path / "o" / "baseline" / "metrics.json").is_file()
+
+
+def test_fit_refuses_bad_embeddings_in_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"embedding": [[0.1, 0.2]], "label": [0]}), tmp_path / "e.parquet")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "raylt", "fit", "--embeddings", str(tmp_path / "e.parquet"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"raylt: error: embeddings file {tmp_path / 'e.parquet'} lacks column(s) ['split']; "
+        "it needs ['embedding', 'label', 'split']"
+    )
