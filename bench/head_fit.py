@@ -6,7 +6,7 @@ Data: CLIP-like long-tailed embeddings (raylt.simulate) with the real Places-LT 
 - scikit-learn LogisticRegression (lbfgs, multinomial), plain and class_weight="balanced";
 - the closed-form shared-covariance Gaussian head (LDA) from the same class statistics,
   with a uniform prior (the test set is balanced): the reference the recipe must beat or become.
-raylt rows time the pure core in this process (statistics, calibration, head training);
+raylt rows time the pure core in this process (`--device cuda` on a GPU) (statistics, calibration, head training);
 Ray adds a fixed start-up that is not the method's cost.
 
     python bench/head_fit.py                 # full size
@@ -30,9 +30,10 @@ from raylt.evaluate import evaluate  # noqa: E402
 from raylt.simulate import LatentSpec, clip_like, places_lt_profile  # noqa: E402
 
 
-def places_counts() -> np.ndarray:
-    f = ROOT.parent / "shared" / "datasets" / "places_lt" / "Places_LT_train.txt"
+def places_counts(f: Path | None = None) -> np.ndarray:
+    f = f or ROOT.parent / "shared" / "datasets" / "places_lt" / "Places_LT_train.txt"
     if not f.is_file():
+        print(f"{f} not found: using the approximate Places-LT profile")
         return places_lt_profile()
     labels = np.array([int(line.split()[1]) for line in f.read_text().splitlines() if line.strip()])
     return np.bincount(labels)
@@ -51,7 +52,9 @@ def row(name, seconds, r):
     print(f"| {name} | {seconds:.1f} | {r['overall']:.4f} | {bal:.4f} | {r['many']:.4f} | {r['medium']:.4f} | {r['few']:.4f} |")
 
 
-def raylt_fit(x, y, xt, yt, counts, overrides):
+def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu"):
+    import torch
+
     from raylt.sampling import build_gaussians
     from raylt.stats import class_moments
     from raylt.train import fit_local, predict_logits
@@ -64,7 +67,9 @@ def raylt_fit(x, y, xt, yt, counts, overrides):
 
         fwd = TRANSFORMS["tukey" if cfg.sampler.name == "free_lunch" else "identity"][0]
         g = build_gaussians(cfg.sampler.name, class_moments(fwd(x), y, len(counts), cfg.stats.rank), cfg.sampler)
-    head = fit_local(x, y, counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed)
+    head = fit_local(x, y, counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device)
+    if device != "cpu":
+        torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     return secs, evaluate(predict_logits(head, xt).argmax(1), yt, counts, [str(i) for i in range(len(counts))])
 
@@ -73,21 +78,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the train images per class (min 1)")
     ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--profile", type=Path, help="Places-LT train split file (default: ../shared/datasets/places_lt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-sklearn", action="store_true")
+    ap.add_argument("--device", default="cpu", help="torch device of the raylt head fits (cuda on a GPU machine)")
     ap.add_argument("--recipe", action="append", default=[], help="extra raylt recipe as comma-separated overrides")
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    counts = np.maximum(np.round(places_counts() * args.scale), 1).astype(np.int64)
+    counts = np.maximum(np.round(places_counts(args.profile) * args.scale), 1).astype(np.int64)
     x_all, y_all, s_all = clip_like(counts, 100, LatentSpec(dim=args.dim, seed=args.seed))
     tr, te = s_all == "train", s_all == "test"
     x, y, xt, yt = x_all[tr], y_all[tr], x_all[te], y_all[te]
     names = [str(i) for i in range(len(counts))]
     print(f"\nhead fitting: {len(counts)} classes, {len(y)} train embeddings ({counts.max()} down to {counts.min()}), "
-          f"D={args.dim}, {len(yt)} test; {torch.get_num_threads()} torch threads\n")
+          f"D={args.dim}, {len(yt)} test; {torch.get_num_threads()} torch threads, raylt on {args.device}\n")
     print("| head | fit s | top-1 | balanced | many | medium | few |")
     print("|---|---|---|---|---|---|---|")
     recipes = {"raylt default (gaussian sampler, logit-adjusted)": [],
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
     recipes.update({r: r.split(",") for r in args.recipe})
     results = {}
     for name, ov in recipes.items():
-        results[name] = raylt_fit(x, y, xt, yt, counts, ov)
+        results[name] = raylt_fit(x, y, xt, yt, counts, ov, args.device)
         row(name, *results[name])
 
     from raylt.stats import class_moments

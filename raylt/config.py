@@ -109,7 +109,7 @@ class SamplerConfig:
     """Synthetic embeddings (raylt.sampling; `raylt list` shows the samplers)."""
 
     name: str = "gaussian"  # registry: none, gaussian, free_lunch
-    target: int = field(default=100, metadata=_min(0))  # every class topped up to this many per epoch
+    target: int = field(default=200, metadata=_min(0))  # every class topped up to this many per epoch
     kappa: float = field(default=20.0, metadata=_min(0))  # shrinkage lambda_c = n_c / (n_c + kappa)
     neighbours: int = field(default=5, metadata=_min(1))  # nearest classes a covariance borrows from
     eps: float = field(default=0.05, metadata=_min(0))  # ridge, x mean within-class variance (free_lunch: alpha)

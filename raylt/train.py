@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from raylt.config import TrainConfig
-from raylt.sampling import GaussianSampler
+from raylt.sampling import GaussianSampler, worker_labels
 
 
 @dataclass(frozen=True)
@@ -96,30 +96,34 @@ def epoch_generator(seed: int, epoch: int, rank: int, device="cpu") -> torch.Gen
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def iterate_arrays(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator):
-    """Shuffled in-memory batches: the local (no Ray) path of tests and benchmarks."""
-    order = rng.permutation(len(y))
-    for s in range(0, len(y), batch_size):
-        i = order[s : s + batch_size]
-        yield torch.from_numpy(x[i]), torch.from_numpy(y[i])
-
-
-def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target: int, seed: int, init=None):
+def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target: int, seed: int, init=None,
+              device: str = "cpu"):
     """The whole head fit in this process (no Ray): the same epochs the Ray workers run."""
     from raylt.heads import build_head, build_loss
-    from raylt.sampling import synthetic_counts, worker_labels
+    from raylt.sampling import synthetic_counts
 
     torch.manual_seed(seed)
-    head = build_head(head_cfg.name, x.shape[1], len(counts), head_cfg.scale, init)
+    head = build_head(head_cfg.name, x.shape[1], len(counts), head_cfg.scale, init).to(device)
     syn_counts = synthetic_counts(counts, target, gaussians.valid) if gaussians is not None else np.zeros_like(counts)
     loss_fn = build_loss(head_cfg.loss, counts + syn_counts, head_cfg.tau)
     opt, sched = make_optimizer(head, train_cfg)
-    sampler = GaussianSampler(gaussians) if gaussians is not None else None
-    rng = np.random.default_rng(seed)
-    for epoch in range(train_cfg.epochs):
-        labels = worker_labels(syn_counts, seed, epoch, 0, 1)
-        batches = iterate_arrays(x, y, train_cfg.batch_size, rng)
-        run_epoch(head, loss_fn, opt, batches, sampler, labels, math.ceil(len(y) / train_cfg.batch_size),
-                  train_cfg.batch_size, epoch_generator(seed, epoch, 0))
-        sched.step()
+    sampler = GaussianSampler(gaussians, device) if gaussians is not None else None
+    xd, yd = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
+    for _ in train_epochs(head, loss_fn, opt, sched, xd, yd, sampler, syn_counts, seed, train_cfg, range(train_cfg.epochs)):
+        pass
     return head
+
+
+def train_epochs(head, loss_fn, opt, sched, x: torch.Tensor, y: torch.Tensor, sampler, syn_counts: np.ndarray,
+                 seed: int, cfg: TrainConfig, epochs: range, rank: int = 0, world: int = 1):
+    """Yields (epoch, EpochStats) after each epoch: real rows shuffled in memory, this rank's
+    share of the synthetic labels, one generator per (seed, epoch, rank) for both."""
+    expected = math.ceil(len(y) / cfg.batch_size)
+    for epoch in epochs:
+        gen = epoch_generator(seed, epoch, rank, x.device)
+        order = torch.randperm(len(y), device=x.device, generator=gen)
+        batches = ((x[i], y[i]) for i in order.split(cfg.batch_size))
+        labels = worker_labels(syn_counts, seed, epoch, rank, world)
+        st = run_epoch(head, loss_fn, opt, batches, sampler, labels, expected, cfg.batch_size, gen)
+        sched.step()
+        yield epoch, st

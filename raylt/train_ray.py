@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -73,8 +72,8 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     from raylt.heads import build_head, build_loss
-    from raylt.sampling import GaussianSampler, worker_labels
-    from raylt.train import epoch_generator, make_optimizer, run_epoch
+    from raylt.sampling import GaussianSampler
+    from raylt.train import make_optimizer, train_epochs
 
     cfg, key = config["cfg"], config["key"]
     ctx = ray.train.get_context()
@@ -92,15 +91,12 @@ def train_loop(config: dict) -> None:
     start = _resume(plain, opt, sched, key)
     shard = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val") if config["has_val"] else None
-    x, y = _read_shard(shard, device) if start < cfg.train.epochs else (None, None)
-    expected = math.ceil(len(y) / cfg.train.batch_size) if y is not None else 0
-    for epoch in range(start, cfg.train.epochs):
-        gen = epoch_generator(cfg.seed, epoch, rank, device)
-        order = torch.randperm(len(y), device=device, generator=gen)
-        batches = ((x[i], y[i]) for i in order.split(cfg.train.batch_size))
-        labels = worker_labels(syn_counts, cfg.seed, epoch, rank, world)
-        st = run_epoch(head, loss_fn, opt, batches, sampler, labels, expected, cfg.train.batch_size, gen)
-        sched.step()
+    if start >= cfg.train.epochs:
+        return  # finished earlier: the result is its last checkpoint
+    x, y = _read_shard(shard, device)
+    epochs = range(start, cfg.train.epochs)
+    for epoch, st in train_epochs(head, loss_fn, opt, sched, x, y, sampler, syn_counts, cfg.seed, cfg.train,
+                                  epochs, rank, world):
         metrics = {"epoch": epoch, "train_loss": st.loss, "train_real": st.real, "train_synthetic": st.synthetic}
         if rank == 0 and val is not None:
             metrics["val_top1"] = _evaluate_val(plain, val, device)
