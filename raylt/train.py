@@ -115,14 +115,20 @@ def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target:
 
 
 def train_epochs(head, loss_fn, opt, sched, x: torch.Tensor, y: torch.Tensor, sampler, syn_counts: np.ndarray,
-                 seed: int, cfg: TrainConfig, epochs: range, rank: int = 0, world: int = 1):
+                 seed: int, cfg: TrainConfig, epochs: range, rank: int = 0, world: int = 1,
+                 steps: int | None = None):
     """Yields (epoch, EpochStats) after each epoch: real rows shuffled in memory, this rank's
-    share of the synthetic labels, one generator per (seed, epoch, rank) for both."""
-    expected = math.ceil(len(y) / cfg.batch_size)
+    share of the synthetic labels, one generator per (seed, epoch, rank) for both.
+
+    `steps` real batches per epoch (default: rows / batch size): with DDP every rank must
+    take the same number of steps, so the adapter passes one count for all ranks, whose
+    shards may differ by a row.
+    """
+    expected = steps or math.ceil(len(y) / cfg.batch_size)
     for epoch in epochs:
         gen = epoch_generator(seed, epoch, rank, x.device)
         order = torch.randperm(len(y), device=x.device, generator=gen)
-        batches = ((x[i], y[i]) for i in order.split(cfg.batch_size))
+        batches = ((x[i], y[i]) for i in order.tensor_split(expected))
         labels = worker_labels(syn_counts, seed, epoch, rank, world)
         st = run_epoch(head, loss_fn, opt, batches, sampler, labels, expected, cfg.batch_size, gen)
         sched.step()

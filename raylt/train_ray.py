@@ -1,6 +1,6 @@
 """Ray Train adapter of the head stage: `TorchTrainer` workers run `raylt.train.run_epoch`.
 
-Input: a Ray dataset of real train embeddings (split across workers), optionally a val
+Input: a Ray dataset of real train embeddings (split by rows across workers), optionally a val
 dataset (whole on every worker, scored by rank 0), the calibrated `Gaussians` (an object
 ref) and the config. Output: the head's state dict, from the last checkpoint.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -89,14 +90,14 @@ def train_loop(config: dict) -> None:
     syn_counts = np.asarray(config["syn_counts"])
     loss_fn = build_loss(cfg.head.loss, np.asarray(config["train_counts"]) + syn_counts, cfg.head.tau)
     start = _resume(plain, opt, sched, key)
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
     val = ray.train.get_dataset_shard("val") if config["has_val"] else None
     if start >= cfg.train.epochs:
         return  # finished earlier: the result is its last checkpoint
     x, y = _read_shard(shard, device)
     epochs = range(start, cfg.train.epochs)
     for epoch, st in train_epochs(head, loss_fn, opt, sched, x, y, sampler, syn_counts, cfg.seed, cfg.train,
-                                  epochs, rank, world):
+                                  epochs, rank, world, config["steps"]):
         metrics = {"epoch": epoch, "train_loss": st.loss, "train_real": st.real, "train_synthetic": st.synthetic}
         if rank == 0 and val is not None:
             metrics["val_top1"] = _evaluate_val(plain, val, device)
@@ -158,6 +159,22 @@ def _previous_key(run_dir: Path) -> str | None:
     return torch.load(states[-1], map_location="cpu", weights_only=True)["key"]
 
 
+def _split_rows(train_ds, workers: int, batch_size: int) -> tuple[dict, int]:
+    """One dataset per rank, `train_<rank>`, of N / workers rows each (sizes differ by at most
+    one), and the number of steps every rank takes per epoch.
+
+    Ray Train's own split (`streaming_split(equal=True)`) drops up to workers - 1 rows, the
+    same rows every epoch; splitting at row indices keeps them all.
+    """
+    n = train_ds.count()
+    cuts = [round(n * i / workers) for i in range(1, workers)]
+    parts = train_ds.split_at_indices(cuts) if workers > 1 else [train_ds]
+    if n // workers == 0:
+        raise RayltError(f"{n} train embeddings cannot feed {workers} train workers; lower train.num_workers")
+    steps = max(1, min(math.ceil(math.ceil(n / workers) / batch_size), n // workers))
+    return {f"train_{r}": p for r, p in enumerate(parts)}, steps
+
+
 def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, tracking: dict | None) -> dict:
     """Run the trainer to completion (or resume it); the head's final state dict."""
     import ray
@@ -178,7 +195,9 @@ def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, trackin
         "cfg": cfg, "key": key, "gaussians": ray.put(gaussians) if gaussians is not None else None,
         "tracking": tracking, "has_val": val_ds is not None, **info,
     }
-    datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
+    datasets, config["steps"] = _split_rows(train_ds, cfg.train.num_workers, cfg.train.batch_size)
+    if val_ds is not None:
+        datasets["val"] = val_ds
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -191,7 +210,7 @@ def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, trackin
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:

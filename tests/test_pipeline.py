@@ -144,3 +144,22 @@ def test_fit_refuses_bad_embeddings_in_one_line(tmp_path):
         f"raylt: error: embeddings file {tmp_path / 'e.parquet'} lacks column(s) ['split']; "
         "it needs ['embedding', 'label', 'split']"
     )
+
+
+def test_two_ddp_workers_split_real_and_synthetic_embeddings(demo_run):
+    import dataclasses
+
+    import mlflow
+
+    from raylt.pipeline import fit
+
+    cfg, (recipe, baseline), tmp = demo_run
+    two = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=2, cpus_per_worker=0.5))
+    es = open_embeddings(next((tmp / "store").glob("*/manifest.json")).parent)
+    res = fit(two, es, tmp / "two_workers")
+    assert res.metrics["few"] > baseline.metrics["few"] + 0.1
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    real = client.get_metric_history(res.run_id, "train_real")[-1].value  # rank 0's share
+    syn = client.get_metric_history(res.run_id, "train_synthetic")[-1].value
+    assert real in (es.train_counts.sum() // 2, es.train_counts.sum() // 2 + 1)  # every row used, none dropped
+    assert abs(syn - res.metrics["synthetic_per_epoch"] / 2) <= 1
