@@ -57,11 +57,10 @@ class Gaussians:
         return out
 
 
-def _scaled_roots(m: ClassMoments) -> tuple[np.ndarray, np.ndarray]:
-    """Roots and left-out scatter, both divided by n_c - 1 (zero for classes of one image)."""
+def _inverse_dof(m: ClassMoments) -> np.ndarray:
+    """[C] 1 / (n_c - 1), zero for classes of one image (no spread is known)."""
     dof = np.maximum(m.counts - 1, 0).astype(np.float64)
-    inv = np.divide(1.0, dof, out=np.zeros_like(dof), where=dof > 0)
-    return m.roots * np.sqrt(inv)[:, None, None], m.residuals() * inv
+    return np.divide(1.0, dof, out=np.zeros_like(dof), where=dof > 0)
 
 
 def _pooled_shape(m: ClassMoments, k: int = 64) -> tuple[np.ndarray, float, float]:
@@ -110,7 +109,7 @@ def calibrated_gaussians(m: ClassMoments, kappa: float, neighbours: int, eps: fl
     """The default recipe's shrinkage calibration (module docstring). `eps` is the ridge as a
     fraction of the mean within-class variance per dimension."""
     counts = m.counts.astype(np.float64)
-    _, resid = _scaled_roots(m)
+    resid = m.residuals() * _inverse_dof(m)  # scatter the roots leave out, per n_c - 1
     pooled_tr = float(np.trace(m.pooled_covariance()))
     lam = np.where(counts > 1, counts / (counts + kappa), 0.0)
     nb = nearest_classes(m.means, neighbours, m.counts > 1)
@@ -132,7 +131,7 @@ def free_lunch_gaussians(m: ClassMoments, base_min: int, neighbours: int, alpha:
     `alpha` is their covariance ridge, as a fraction of the mean within-class variance per
     dimension (their 0.21 was for unnormalised ReLU features)."""
     counts = m.counts
-    _, resid = _scaled_roots(m)
+    resid = m.residuals() * _inverse_dof(m)  # scatter the roots leave out, per n_c - 1
     pooled_tr = float(np.trace(m.pooled_covariance()))
     base = counts >= max(base_min, 2)
     nb = nearest_classes(m.means, neighbours, base)
@@ -154,7 +153,7 @@ def free_lunch_gaussians(m: ClassMoments, base_min: int, neighbours: int, alpha:
 
 def _assemble(m: ClassMoments, means, sources, weights, shared2, ridge: float, transform: str = "identity") -> Gaussians:
     """`Gaussians` in float32; `ridge` is relative to the mean within-class variance per dimension."""
-    roots, _ = _scaled_roots(m)
+    roots = m.roots * np.sqrt(_inverse_dof(m))[:, None, None]
     factor, floor, pooled_tr = _pooled_shape(m)
     return Gaussians(
         means=np.asarray(means, dtype=np.float32),

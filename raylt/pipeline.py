@@ -54,12 +54,13 @@ def _files_key(es: EmbeddingSet) -> str:
     return h.hexdigest()[:12]
 
 
-def class_stats(es: EmbeddingSet, rank: int, transform: str, cache_dir: Path) -> ClassMoments:
-    """Moments of the train split (Ray reduce), cached as `class_stats-*.npz` per input."""
+def class_stats(es: EmbeddingSet, rank: int, transform: str, cache_dir: Path) -> tuple[ClassMoments, Path]:
+    """Moments of the train split (Ray reduce), cached as `class_stats-*.npz` per input; the
+    moments and their file."""
     path = cache_dir / f"class_stats-{transform}-r{rank}-{_files_key(es)}.npz"
     if path.is_file():
         log.info("class statistics reused from %s", path)
-        return load_moments(path)[0]
+        return load_moments(path)[0], path
     t0 = time.perf_counter()
     fwd = TRANSFORMS[transform][0] if transform != "identity" else None
     m = reduce_moments(list(es.files), es.num_classes, rank, "train", fwd)
@@ -68,7 +69,7 @@ def class_stats(es: EmbeddingSet, rank: int, transform: str, cache_dir: Path) ->
     os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written artifact
     log.info("class statistics of %d classes (rank %d, %s) in %.1f s -> %s",
              es.num_classes, rank, transform, time.perf_counter() - t0, path)
-    return m
+    return m, path
 
 
 def _eval_split(es: EmbeddingSet) -> str:
@@ -92,7 +93,7 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
         t0 = time.perf_counter()
         cache = es.path / "stats" if (es.path / "manifest.json").is_file() else out
         cache.mkdir(exist_ok=True)
-        moments = class_stats(es, cfg.stats.rank, spec.transform, cache) if spec.transform else None
+        moments, stats_file = class_stats(es, cfg.stats.rank, spec.transform, cache) if spec.transform else (None, None)
         gaussians = spec.build(moments, cfg.sampler) if moments is not None else None
         times["stats_s"] = time.perf_counter() - t0
         syn = synthetic_counts(es.train_counts, cfg.sampler.target, gaussians.valid) if gaussians else 0 * es.train_counts
@@ -123,7 +124,6 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
         plot_per_class(metrics, out / "per_class.png", f"{cfg.name}: {cfg.sampler.name} sampler, {cfg.head.loss} loss")
         uri = None
         if run is not None:
-            stats_file = next(iter(sorted(cache.glob(f"class_stats-{spec.transform}-r{cfg.stats.rank}-*.npz"))), None)
             uri = tracking.log_fit(metrics, out, stats_file, {"class_names": list(es.class_names), "backbone": backbone})
     log.info("metrics: overall %.4f, many %s, medium %s, few %s -> %s", metrics["overall"],
              *(_fmt(metrics[g]) for g in ("many", "medium", "few")), out / "metrics.json")
