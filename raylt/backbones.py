@@ -136,11 +136,12 @@ class OpenClipEncoder:
         return _l2(torch.cat(out))
 
 
-def text_embeddings(cfg: BackboneConfig, class_names: list[str], prompt: str = "a photo of a {}.") -> np.ndarray:
-    """[C, D] CLIP text embeddings of the class names, for text-initialised heads."""
+def text_embeddings(cfg: BackboneConfig, class_names: list[str], prompt: str = "a photo of a {}.",
+                    purpose: str = "head.text_init") -> np.ndarray:
+    """[C, D] CLIP text embeddings of the class names (text-initialised heads, name matching)."""
     encoder = build_encoder(cfg)
     if not hasattr(encoder, "encode_text"):
-        raise BackboneError(f"head.text_init needs a backbone with a text tower; {cfg.name!r} has none (use open_clip)")
+        raise BackboneError(f"{purpose} needs a backbone with a text tower; {cfg.name!r} has none (use open_clip)")
     names = [n.replace("_", " ").split("/")[-1] for n in class_names]
     return encoder.encode_text([prompt.format(n) for n in names]).cpu().numpy()
 

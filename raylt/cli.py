@@ -1,4 +1,4 @@
-"""The `raylt` command: `run`, `fit`, `embed`, `config`, `list`.
+"""The `raylt` command: `run`, `fit`, `ablate`, `embed`, `config`, `list`.
 
 Errors caused by input (config, data, weights) print as one line, `raylt: error: ...`, and
 exit with status 2; anything else is a bug and keeps its traceback.
@@ -61,8 +61,9 @@ def _table(results) -> str:
 
 def _report(cfg, results) -> None:
     from raylt import tracking
+    from raylt.pipeline import recipe_label
 
-    labels = [f"{cfg.sampler.name} sampler, {cfg.head.loss} loss", "baseline: CE head, real only"]
+    labels = [recipe_label(cfg), "baseline: CE head, real only"]
     print(_table(list(zip(labels, results))))
     for r in results:
         print(f"metrics: {r.out / 'metrics.json'}")
@@ -94,6 +95,26 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from raylt.ablation import ablate, markdown
+    from raylt.config import expand_path, load_config, to_dict
+    from raylt.embeddings import open_embeddings
+
+    cfg = load_config(args.config, args.overrides)
+    if args.embeddings:
+        es, backbone = open_embeddings(args.embeddings, args.class_names), None
+    else:
+        from raylt.embed import run_embed
+
+        es, backbone = open_embeddings(run_embed(cfg).store), to_dict(cfg.backbone)
+    out = Path(args.out).expanduser().resolve() if args.out else expand_path(cfg.train.output_dir) / cfg.name / "ablation"
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else None
+    rows = ablate(cfg, es, out, names, args.parallel, backbone)
+    print(markdown(rows))
+    print(f"report: {out / 'ablation.md'}, {out / 'ablation.png'}")
+    return 0
+
+
 def _list_configs() -> list[str]:
     if not CONFIG_DIR.is_dir():
         return []
@@ -104,11 +125,17 @@ def cmd_list(args) -> int:
     from raylt.backbones import BACKBONES
     from raylt.data import SOURCES
 
+    from raylt.adapter import ADAPTERS, BATCHES
+    from raylt.auxiliary import MATCHERS
     from raylt.heads import HEADS, LOSSES
     from raylt.sampling import SAMPLERS
+    from raylt.selection import SELECTORS
 
     sections = [("backbones", BACKBONES.describe()), ("data sources", SOURCES.describe()),
-                ("samplers", SAMPLERS.describe()), ("heads", HEADS.describe()), ("losses", LOSSES.describe())]
+                ("samplers", SAMPLERS.describe()), ("heads", HEADS.describe()), ("losses", LOSSES.describe()),
+                ("selectors (selection.name)", SELECTORS.describe()), ("adapters (adapter.name)", ADAPTERS.describe()),
+                ("adapter batches (adapter.batches)", BATCHES.describe()),
+                ("auxiliary matchers (auxiliary.match)", MATCHERS.describe())]
     for title, rows in sections:
         print(f"{title}:")
         for name, help in rows:
@@ -150,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true", help="also fit the plain CE head on real embeddings and compare")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. sampler.target=200")
     p.set_defaults(fn=cmd_fit)
+    p = sub.add_parser("ablate", help="every long-tail method on the same embeddings, side by side (MLflow child runs)")
+    _config_args(p)
+    p.add_argument("--embeddings", help="Parquet file or folder or a store; default: embed the config's data set")
+    p.add_argument("--class-names", help="text file, one class name per line in label order")
+    p.add_argument("--out", help="output folder (default: <train.output_dir>/<name>/ablation)")
+    p.add_argument("--recipes", help="comma-separated subset, e.g. ce,default,ip_dpp (default: all, then best)")
+    p.add_argument("--parallel", type=int, default=0, help="fits at once (default: as many as the CPUs hold)")
+    p.set_defaults(fn=cmd_ablate)
     p = sub.add_parser("embed", help="embed a data set into the embedding store (Ray Data)")
     _config_args(p)
     p.set_defaults(fn=cmd_embed)
@@ -164,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config = getattr(args, "config", None)
+    if config and "=" in config and not Path(config).exists():  # no config file, only overrides
+        args.config, args.overrides = None, [config, *args.overrides]
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.quiet:

@@ -117,6 +117,46 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class SelectionConfig:
+    """Which real embeddings of large classes the head trains on (raylt.selection)."""
+
+    name: str = "none"  # registry: none, random_cap, ip_dpp
+    k: int = field(default=200, metadata=_min(1))  # at most k real embeddings per class
+    every: int = field(default=0, metadata=_min(0))  # re-select every N epochs with a new seed; 0: once
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """A residual MLP on the frozen embeddings, trained before the head (raylt.adapter)."""
+
+    name: str = "none"  # registry: none, bns
+    batches: str = "instance"  # registry: instance (anchors as they come), balanced (classes drawn uniformly)
+    hidden: int = field(default=512, metadata=_min(1))
+    epochs: int = field(default=5, metadata=_min(1))
+    batch_size: int = field(default=256, metadata=_min(2))
+    per_class: int = field(default=4, metadata=_min(2))  # balanced batches: rows per class (batch_size / per_class classes)
+    lr: float = field(default=1e-4, metadata=_min(0))  # defaults from bench/ablation.py: 1e-3 or 10 epochs over-fit
+    temperature: float = field(default=0.1, metadata=_min(1e-6))
+    noise: float = field(default=0.3, metadata=_min(0))  # view augmentation: norm of the added Gaussian noise
+    drop: float = field(default=0.2, metadata=_min(0))  # view augmentation: fraction of features zeroed
+
+
+@dataclass(frozen=True)
+class AuxiliaryConfig:
+    """Look-alike classes from a second labelled corpus, trained with the head and dropped at
+    inference (raylt.auxiliary)."""
+
+    embeddings: str | None = None  # Parquet file, folder or store of the auxiliary corpus; null: off
+    class_names: str | None = None  # its class names, one per line (else its manifest's)
+    match: str = "text"  # registry: text (CLIP text embeddings of the names), mean (class-mean embeddings)
+    neighbours: int = field(default=2, metadata=_min(1))  # auxiliary classes per target class
+    tail_neighbours: int = field(default=4, metadata=_min(1))  # ... per class with fewer than tail_below images
+    tail_below: int = field(default=20, metadata=_min(1))
+    synonym: float = 0.9  # similarity at or above which two names are one concept: the auxiliary class is dropped
+    per_class: int = field(default=100, metadata=_min(1))  # images kept per auxiliary class
+
+
+@dataclass(frozen=True)
 class HeadConfig:
     """The trained classifier (raylt.heads)."""
 
@@ -151,6 +191,9 @@ class RayltConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    auxiliary: AuxiliaryConfig = field(default_factory=AuxiliaryConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -38,12 +38,20 @@ class FitResult:
 
 
 def check_names(cfg: RayltConfig) -> None:
-    """Unknown sampler, head or loss names fail here, before any expensive work."""
+    """Unknown sampler, head, loss, selector, adapter or matcher names fail here, before any
+    expensive work."""
+    from raylt.adapter import ADAPTERS, BATCHES
+    from raylt.auxiliary import MATCHERS
     from raylt.heads import HEADS, LOSSES
+    from raylt.selection import SELECTORS
 
     SAMPLERS.get(cfg.sampler.name)
     HEADS.get(cfg.head.name)
     LOSSES.get(cfg.head.loss)
+    SELECTORS.get(cfg.selection.name)
+    ADAPTERS.get(cfg.adapter.name)
+    BATCHES.get(cfg.adapter.batches)
+    MATCHERS.get(cfg.auxiliary.match)
 
 
 def _files_key(es: EmbeddingSet) -> str:
@@ -64,7 +72,7 @@ def class_stats(es: EmbeddingSet, rank: int, transform: str, cache_dir: Path) ->
     t0 = time.perf_counter()
     fwd = TRANSFORMS[transform][0] if transform != "identity" else None
     m = reduce_moments(list(es.files), es.num_classes, rank, "train", fwd)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: parallel fits may share the cache
     save_moments(m, tmp, es.class_names)
     os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written artifact
     log.info("class statistics of %d classes (rank %d, %s) in %.1f s -> %s",
@@ -79,7 +87,8 @@ def _eval_split(es: EmbeddingSet) -> str:
     raise DataError(f"embeddings under {es.path} have no 'test' or 'val' rows to evaluate on")
 
 
-def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = None, run_name: str = "fit") -> FitResult:
+def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = None, run_name: str = "fit",
+        parent_run_id: str | None = None) -> FitResult:
     from raylt import tracking
     from raylt.pyfunc import head_logits, load_head, save_head
     from raylt.ray_utils import init_ray
@@ -89,39 +98,59 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.ray)
     spec, times = SAMPLERS.get(cfg.sampler.name), {}
-    with tracking.start_run(cfg, run_name) as run:
+    with tracking.start_run(cfg, run_name, parent_run_id) as run:
+        target = tracking.worker_target(run)
+        adapter, raw = None, es  # the logged model takes raw embeddings: it is evaluated on them
+        if cfg.adapter.name != "none":
+            from raylt.adapter_ray import adapt
+
+            t0 = time.perf_counter()
+            es, adapter = adapt(cfg, es, _files_key(es), out, target)
+            times["adapter_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         cache = es.path / "stats" if (es.path / "manifest.json").is_file() else out
         cache.mkdir(exist_ok=True)
         moments, stats_file = class_stats(es, cfg.stats.rank, spec.transform, cache) if spec.transform else (None, None)
         gaussians = spec.build(moments, cfg.sampler) if moments is not None else None
         times["stats_s"] = time.perf_counter() - t0
-        syn = synthetic_counts(es.train_counts, cfg.sampler.target, gaussians.valid) if gaussians else 0 * es.train_counts
-        log.info("training stream per epoch: %d real + %d synthetic embeddings, %d classes",
-                 es.train_counts.sum(), syn.sum(), es.num_classes)
+        rows, aux, extra = _chosen_rows(cfg, es, adapter)
+        c, names = es.num_classes, list(es.class_names) + list(aux.names if aux else ())
+        real = rows.counts(len(names)) if rows is not None else es.train_counts
+        syn = np.zeros(len(names), np.int64)
+        if gaussians is not None:
+            syn[:c] = synthetic_counts(real[:c], cfg.sampler.target, gaussians.valid)
+        log.info("training stream per epoch: %d real + %d synthetic embeddings, %d classes (%d auxiliary)",
+                 real.sum(), syn.sum(), len(names), len(names) - c)
         init = None
         if cfg.head.text_init:
             from raylt.backbones import text_embeddings
 
-            init = text_embeddings(cfg.backbone, list(es.class_names))
+            init = text_embeddings(cfg.backbone, names)
         t0 = time.perf_counter()
         import ray
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic runs
-        train_ds = ray_dataset(es, "train")
         val_ds = ray_dataset(es, "val") if es.counts.get("val", np.zeros(1)).sum() > 0 else None
-        info = {"dim": es.dim, "num_classes": es.num_classes, "init": init, "syn_counts": syn.tolist(),
-                "train_counts": es.train_counts.tolist()}
-        state = fit_ray(cfg, train_ds, val_ds, gaussians, info, out, tracking.worker_target(run))
+        info = {"dim": es.dim, "num_classes": len(names), "num_targets": c, "init": init, "syn_counts": syn.tolist(),
+                "train_counts": real.tolist(), "neighbours": aux.neighbours.tolist() if aux else None}
+        if rows is not None:
+            from raylt.trainset import round_steps, shard_datasets
+
+            train_ds = shard_datasets(rows, cfg.train.num_workers)
+            info["steps"] = round_steps(rows, cfg.train.num_workers, cfg.train.batch_size)
+        else:
+            train_ds = ray_dataset(es, "train")
+        state = fit_ray(cfg, train_ds, val_ds, gaussians, info, out, target)
         times["train_s"] = time.perf_counter() - t0
-        save_head(state, cfg.head.name, cfg.head.scale, out / "head.npz")
-        split = _eval_split(es)
-        x, y = read_split(es, split)
+        save_head(state, cfg.head.name, cfg.head.scale, out / "head.npz", num_targets=c, adapter=adapter)
+        split = _eval_split(raw)
+        x, y = read_split(raw, split)
         pred = head_logits(load_head(out / "head.npz"), x).argmax(1)
         metrics = {**evaluate(pred, y, es.train_counts, es.class_names), "split": split,
-                   "synthetic_per_epoch": int(syn.sum()), "seconds": {k: round(v, 3) for k, v in times.items()}}
+                   "real_per_epoch": int(real.sum()), "synthetic_per_epoch": int(syn.sum()), **extra,
+                   "seconds": {k: round(v, 3) for k, v in times.items()}}
         write_metrics(metrics, out / "metrics.json")
-        plot_per_class(metrics, out / "per_class.png", f"{cfg.name}: {cfg.sampler.name} sampler, {cfg.head.loss} loss")
+        plot_per_class(metrics, out / "per_class.png", f"{cfg.name}: {recipe_label(cfg)}")
         uri = None
         if run is not None:
             uri = tracking.log_fit(metrics, out, stats_file, {"class_names": list(es.class_names), "backbone": backbone})
@@ -130,14 +159,66 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
     return FitResult(out, metrics, run.info.run_id if run is not None else None, uri)
 
 
+def _chosen_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None):
+    """(TrainRows or None, AuxiliaryPlan or None, metrics): the head's real rows when a
+    selector or auxiliary classes choose them; None streams every train row instead."""
+    from raylt.trainset import num_rounds, train_rows
+
+    if cfg.selection.name == "none" and not cfg.auxiliary.embeddings:
+        return None, None, {}
+    x, y = read_split(es, "train")
+    aux, ax, ay, extra = None, None, None, {}
+    if cfg.auxiliary.embeddings:
+        aux, ax, ay = _auxiliary(cfg, es, x, y, adapter)
+        extra.update(auxiliary_classes=len(aux.names), auxiliary_rows=len(ay),
+                     auxiliary_synonyms_dropped=aux.dropped_synonyms)
+    rounds = num_rounds(cfg.selection.every, cfg.train.epochs) if cfg.selection.name != "none" else 1
+    rows = train_rows(x, y, cfg.selection.name, cfg.selection.k, rounds, cfg.seed, ax, ay)
+    if cfg.selection.name != "none":
+        extra.update(selected_per_round=int(rows.counts(es.num_classes)[: es.num_classes].sum()), selection_rounds=rounds)
+        log.info("selection %s: %d of %d train embeddings per round, %d round(s)", cfg.selection.name,
+                 extra["selected_per_round"], len(y), rounds)
+    return rows, aux, extra
+
+
+def _auxiliary(cfg: RayltConfig, es: EmbeddingSet, x: np.ndarray, y: np.ndarray, adapter: dict | None):
+    from raylt.auxiliary import auxiliary_rows, class_means
+    from raylt.pyfunc import adapter_numpy
+
+    a = cfg.auxiliary
+    aux_es = open_embeddings(expand_path(a.embeddings), a.class_names)
+    ax, ay = read_split(aux_es, "train")
+    if adapter is not None:  # the auxiliary corpus lives in the same, adapted space
+        ax = adapter_numpy(adapter, ax)
+    plan, rx, ry = auxiliary_rows(a, es.class_names, es.train_counts, class_means(x, y, es.num_classes), ax, ay,
+                                  aux_es.class_names, cfg.backbone, cfg.seed)
+    log.info("auxiliary classes: %d of %d from %s (%d near-synonyms dropped), %d images",
+             len(plan.names), aux_es.num_classes, aux_es.path, plan.dropped_synonyms, len(ry))
+    return plan, rx, ry
+
+
+def recipe_label(cfg: RayltConfig) -> str:
+    """A short name of what a config trains: the parts that differ from a plain head."""
+    parts = [f"{cfg.sampler.name} sampler", f"{cfg.head.loss} loss"]
+    if cfg.selection.name != "none":
+        parts.append(f"{cfg.selection.name} k={cfg.selection.k}")
+    if cfg.adapter.name != "none":
+        parts.append(f"{cfg.adapter.name} adapter")
+    if cfg.auxiliary.embeddings:
+        parts.append("auxiliary classes")
+    return ", ".join(parts)
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
 def baseline_config(cfg: RayltConfig) -> RayltConfig:
-    """The plain CE head on real embeddings only, everything else equal."""
+    """The plain CE head on all real embeddings only, everything else equal."""
     return dataclasses.replace(
-        cfg, sampler=dataclasses.replace(cfg.sampler, name="none"), head=dataclasses.replace(cfg.head, loss="ce")
+        cfg, sampler=dataclasses.replace(cfg.sampler, name="none"), head=dataclasses.replace(cfg.head, loss="ce"),
+        selection=dataclasses.replace(cfg.selection, name="none"), adapter=dataclasses.replace(cfg.adapter, name="none"),
+        auxiliary=dataclasses.replace(cfg.auxiliary, embeddings=None),
     )
 
 

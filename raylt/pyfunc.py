@@ -15,6 +15,7 @@ its code: load models only from runs you trust.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +28,37 @@ except ImportError:  # the module must import without mlflow for `head_logits`
     _Base = object
 
 
-def save_head(state: dict, kind: str, scale: float, path: Path) -> None:
-    """The trained head's parameters (a torch state dict) as numpy arrays."""
+def save_head(state: dict, kind: str, scale: float, path: Path, num_targets: int | None = None,
+              adapter: dict | None = None) -> None:
+    """The trained head's parameters (a torch state dict) as numpy arrays: its first
+    `num_targets` rows (auxiliary-class rows are dropped at inference) and, when features were
+    adapted, the adapter's weights (`adapter_w1` ...), applied before the head."""
     w = state["weight"].detach().cpu().numpy().astype(np.float32)
     b = state["bias"].detach().cpu().numpy().astype(np.float32) if "bias" in state else np.zeros(len(w), np.float32)
-    np.savez(path, kind=np.asarray(kind), weight=w, bias=b, scale=np.float32(scale))
+    n = len(w) if num_targets is None else num_targets
+    extra = {f"adapter_{k}": v for k, v in (adapter or {}).items()}
+    np.savez(path, kind=np.asarray(kind), weight=w[:n], bias=b[:n], scale=np.float32(scale), **extra)
 
 
 def load_head(path) -> dict:
     with np.load(path, allow_pickle=False) as z:
-        return {"kind": str(z["kind"]), "weight": z["weight"], "bias": z["bias"], "scale": float(z["scale"])}
+        adapter = {k[len("adapter_"):]: z[k] for k in z.files if k.startswith("adapter_")}
+        return {"kind": str(z["kind"]), "weight": z["weight"], "bias": z["bias"], "scale": float(z["scale"]),
+                "adapter": adapter or None}
+
+
+def adapter_numpy(params: dict, x: np.ndarray) -> np.ndarray:
+    """`raylt.adapter.ResidualAdapter.forward` in numpy (tanh GELU): params w1, b1, w2, b2."""
+    h = x @ params["w1"].T + params["b1"]
+    h = 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+    z = x + h @ params["w2"].T + params["b2"]
+    return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def head_logits(head: dict, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
+    if head.get("adapter"):
+        x = adapter_numpy(head["adapter"], x)
     if head["kind"] == "cosine":
         w = head["weight"] / np.linalg.norm(head["weight"], axis=1, keepdims=True).clip(1e-12)
         return head["scale"] * (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)) @ w.T

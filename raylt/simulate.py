@@ -65,6 +65,20 @@ def clip_like(train_counts, eval_per_class: int = 100, spec: LatentSpec = Latent
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64), np.concatenate(ss)
 
 
+def with_look_alikes(train_counts, aux_per_class: int, eval_per_class: int = 100, spec: LatentSpec = LatentSpec(),
+                     splits=("test",)):
+    """A target corpus and an auxiliary one whose class j is a look-alike of target class j
+    (drawn from the same super-class): ((x, y, split) target, (x, y, split) auxiliary with
+    `aux_per_class` train rows per class and no eval rows). For category extrapolation."""
+    counts = np.asarray(train_counts, dtype=np.int64)
+    both = np.empty(2 * len(counts), np.int64)
+    both[0::2], both[1::2] = counts, aux_per_class  # interleaved: neighbours share a super-class
+    x, y, s = clip_like(both, eval_per_class, spec, splits)
+    t = (y % 2 == 0)
+    a = ~t & (s == "train")
+    return (x[t], y[t] // 2, s[t]), (x[a], y[a] // 2, s[a])
+
+
 # Ranked class sizes of the real Places-LT train split at a few ranks (rank: images).
 _PLACES_LT_ANCHORS = {0: 4980, 1: 2612, 2: 2400, 5: 1487, 10: 1023, 20: 521, 50: 287, 100: 152, 130: 103,
                       150: 89, 200: 57, 250: 34, 293: 20, 300: 18, 330: 11, 364: 5}

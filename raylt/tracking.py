@@ -16,6 +16,9 @@ from typing import Iterator
 
 from raylt.config import RayltConfig, to_dict
 
+# Row counts of a fit (metrics.json) that are logged as MLflow metrics too.
+_COUNTS = ("real_per_epoch", "synthetic_per_epoch", "selected_per_round", "selection_rounds", "auxiliary_classes",
+           "auxiliary_rows", "auxiliary_synonyms_dropped")
 # MLflow keeps parameter values up to this many characters.
 _PARAM_MAX = 6000
 
@@ -55,8 +58,9 @@ def _experiment_id(mlflow, name: str, uri: str) -> str:
 
 
 @contextlib.contextmanager
-def start_run(cfg: RayltConfig, run_name: str) -> Iterator[object | None]:
-    """An MLflow run with the resolved config as params; yields None when tracking is off."""
+def start_run(cfg: RayltConfig, run_name: str, parent_run_id: str | None = None) -> Iterator[object | None]:
+    """An MLflow run with the resolved config as params (a child of `parent_run_id` if given);
+    yields None when tracking is off."""
     if not cfg.tracking.enabled:
         yield None
         return
@@ -65,7 +69,7 @@ def start_run(cfg: RayltConfig, run_name: str) -> Iterator[object | None]:
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     exp_id = _experiment_id(mlflow, cfg.tracking.experiment or cfg.name, uri)
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id) as run:
         params = flat_params(cfg)
         keys = sorted(params)
         for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
@@ -107,7 +111,7 @@ def log_fit(metrics: dict, out: Path, stats_file: Path | None, model_meta: dict)
 
     final = {f"test_{k}": metrics[k] for k in ("overall", "many", "medium", "few") if metrics.get(k) is not None}
     final.update({k: v for k, v in metrics["seconds"].items()})
-    final["synthetic_per_epoch"] = metrics["synthetic_per_epoch"]
+    final.update({k: v for k, v in metrics.items() if k in _COUNTS})
     mlflow.log_metrics({k: float(v) for k, v in final.items()})
     mlflow.log_artifact(str(out / "metrics.json"))
     mlflow.log_artifact(str(out / "per_class.png"))

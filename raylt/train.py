@@ -116,20 +116,30 @@ def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target:
 
 def train_epochs(head, loss_fn, opt, sched, x: torch.Tensor, y: torch.Tensor, sampler, syn_counts: np.ndarray,
                  seed: int, cfg: TrainConfig, epochs: range, rank: int = 0, world: int = 1,
-                 steps: int | None = None):
+                 steps: int | list[int] | None = None, keep: torch.Tensor | None = None, every: int = 0):
     """Yields (epoch, EpochStats) after each epoch: real rows shuffled in memory, this rank's
     share of the synthetic labels, one generator per (seed, epoch, rank) for both.
 
     `steps` real batches per epoch (default: rows / batch size): with DDP every rank must
     take the same number of steps, so the adapter passes one count for all ranks, whose
-    shards may differ by a row.
+    shards may differ by a row. With selection, `keep` is a bit mask per row (bit r: the row
+    is in selection round r), round r = epoch // every covers `every` epochs, and `steps` is a
+    list with one count per round.
     """
-    expected = steps or math.ceil(len(y) / cfg.batch_size)
     for epoch in epochs:
+        r = epoch // every if (keep is not None and every) else 0
+        xs, ys = (x, y) if keep is None else _round_rows(x, y, keep, r)
+        n_steps = steps[r] if isinstance(steps, list) else steps
+        expected = n_steps or math.ceil(len(ys) / cfg.batch_size)
         gen = epoch_generator(seed, epoch, rank, x.device)
-        order = torch.randperm(len(y), device=x.device, generator=gen)
-        batches = ((x[i], y[i]) for i in order.tensor_split(expected))
+        order = torch.randperm(len(ys), device=x.device, generator=gen)
+        batches = ((xs[i], ys[i]) for i in order.tensor_split(expected))
         labels = worker_labels(syn_counts, seed, epoch, rank, world)
         st = run_epoch(head, loss_fn, opt, batches, sampler, labels, expected, cfg.batch_size, gen)
         sched.step()
         yield epoch, st
+
+
+def _round_rows(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, r: int):
+    rows = ((keep >> r) & 1).bool()
+    return x[rows], y[rows]

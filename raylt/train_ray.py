@@ -32,19 +32,25 @@ log = logging.getLogger(__name__)
 
 def fit_key(cfg) -> str:
     """What a checkpoint must agree with to be resumed: everything that shapes training."""
-    keep = {k: to_dict(cfg)[k] for k in ("seed", "stats", "sampler", "head", "train")}
+    keep = {k: to_dict(cfg)[k] for k in ("seed", "stats", "sampler", "selection", "adapter", "auxiliary", "head",
+                                         "train")}
     keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("output_dir", "cpus_per_worker")}
+    # Settings of a method that is off do not shape training: changing them keeps checkpoints.
+    for section, off in (("selection", cfg.selection.name == "none"), ("adapter", cfg.adapter.name == "none"),
+                         ("auxiliary", not cfg.auxiliary.embeddings)):
+        if off:
+            del keep[section]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _evaluate_val(head, val_shard, device) -> float:
-    hit = n = 0
+def _evaluate_val(head, val: tuple[torch.Tensor, torch.Tensor], num_targets: int) -> float:
+    """Top-1 on the val split over the target classes (auxiliary rows are not predicted)."""
+    x, y = val
     with torch.no_grad():
         head.eval()
-        for b in val_shard.iter_torch_batches(batch_size=8192, device=device):
-            hit += int((head(b["embedding"].float()).argmax(1) == b["label"]).sum())
-            n += len(b["label"])
-    return hit / max(n, 1)
+        hits = sum(int((head(x[s : s + 8192])[:, :num_targets].argmax(1) == y[s : s + 8192]).sum())
+                   for s in range(0, len(y), 8192))
+    return hits / max(len(y), 1)
 
 
 def _log_mlflow(tracking: dict | None, metrics: dict, epoch: int) -> None:
@@ -89,37 +95,45 @@ def train_loop(config: dict) -> None:
     sampler = GaussianSampler(gaussians, device) if gaussians is not None else None
     syn_counts = np.asarray(config["syn_counts"])
     loss_fn = build_loss(cfg.head.loss, np.asarray(config["train_counts"]) + syn_counts, cfg.head.tau)
+    if config.get("neighbours") is not None:  # auxiliary classes: the neighbour-silencing loss
+        from raylt.auxiliary import silenced, silencing_mask
+
+        loss_fn = silenced(loss_fn, silencing_mask(np.asarray(config["neighbours"], bool)))
     start = _resume(plain, opt, sched, key)
     shard = ray.train.get_dataset_shard(f"train_{rank}")
-    val = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    # Rank 0 scores the val split every epoch: read once, like the train shard (a streaming
+    # execution per epoch cost seconds each).
+    val = _read_shard(ray.train.get_dataset_shard("val"), device)[:2] if config["has_val"] and rank == 0 else None
     if start >= cfg.train.epochs:
         return  # finished earlier: the result is its last checkpoint
-    x, y = _read_shard(shard, device)
+    x, y, keep = _read_shard(shard, device)
     epochs = range(start, cfg.train.epochs)
     for epoch, st in train_epochs(head, loss_fn, opt, sched, x, y, sampler, syn_counts, cfg.seed, cfg.train,
-                                  epochs, rank, world, config["steps"]):
+                                  epochs, rank, world, config["steps"], keep, cfg.selection.every):
         metrics = {"epoch": epoch, "train_loss": st.loss, "train_real": st.real, "train_synthetic": st.synthetic}
         if rank == 0 and val is not None:
-            metrics["val_top1"] = _evaluate_val(plain, val, device)
+            metrics["val_top1"] = _evaluate_val(plain, val, config.get("num_targets", config["num_classes"]))
         _report(plain, opt, sched, epoch, key, metrics, rank)
         if rank == 0:
             _log_mlflow(config["tracking"], metrics, epoch)
 
 
-def _read_shard(shard, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """This worker's real embeddings, read once from its Ray Data shard and kept in memory.
+def _read_shard(shard, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This worker's real embeddings, labels and selection bits (None without selection), read
+    once from its Ray Data shard and kept in memory.
 
     Embeddings are small (2 KB each at D = 512): one pass over the shard, then every epoch
     shuffles in memory, instead of a new streaming execution per epoch (seconds each).
     """
-    xs, ys = [], []
+    xs, ys, ks = [], [], []
     for b in shard.iter_torch_batches(batch_size=65536, device=device,
-                                      dtypes={"embedding": torch.float32, "label": torch.int64}):
+                                      dtypes={"embedding": torch.float32, "label": torch.int64, "keep": torch.int64}):
         xs.append(b["embedding"])
         ys.append(b["label"])
+        ks.append(b.get("keep"))
     if not xs:
-        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.int64, device=device)
-    return torch.cat(xs), torch.cat(ys)
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.int64, device=device), None
+    return torch.cat(xs), torch.cat(ys), torch.cat(ks) if ks[0] is not None else None
 
 
 def _resume(head, opt, sched, key: str) -> int:
@@ -132,7 +146,7 @@ def _resume(head, opt, sched, key: str) -> int:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     if state["key"] != key:
         raise RayltError("the run's checkpoints were made with a different config; use another `name` or output dir")
-    head.load_state_dict(state["head"])
+    head.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     return int(state["epoch"]) + 1
@@ -145,7 +159,7 @@ def _report(head, opt, sched, epoch: int, key: str, metrics: dict, rank: int) ->
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        state = {"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        state = {"model": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "epoch": epoch, "key": key}
         torch.save(state, Path(d) / "state.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -176,8 +190,26 @@ def _split_rows(train_ds, workers: int, batch_size: int) -> tuple[dict, int]:
 
 
 def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, tracking: dict | None) -> dict:
-    """Run the trainer to completion (or resume it); the head's final state dict."""
+    """Run the head trainer to completion (or resume it); the head's final state dict."""
     import ray
+
+    config = {
+        "gaussians": ray.put(gaussians) if gaussians is not None else None,
+        "tracking": tracking, "has_val": val_ds is not None, **info,
+    }
+    if "steps" not in config:
+        datasets, config["steps"] = _split_rows(train_ds, cfg.train.num_workers, cfg.train.batch_size)
+    else:  # the caller split the rows (rounds of selection)
+        datasets = train_ds
+    if val_ds is not None:
+        datasets["val"] = val_ds
+    return run_trainer(train_loop, config, datasets, cfg, storage, "train", fit_key(cfg))["model"]
+
+
+def run_trainer(loop, config: dict, datasets: dict, cfg, storage: Path, name: str, key: str) -> dict:
+    """`TorchTrainer` over `loop` with the config's scaling, checkpoints under `storage/name`;
+    the state of its last checkpoint. A folder holding checkpoints of another config is refused
+    before Ray Train starts, and a finished run is not trained again."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -185,28 +217,20 @@ def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, trackin
     # the controller empties once per health check (2 s by default): every epoch's report
     # would wait up to 2 s. The variable is propagated from the driver to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    key = fit_key(cfg)
-    previous = _previous_key(storage / "train")
+    previous = _previous_key(storage / name)
     if previous not in (None, key):
         raise RayltError(
             f"{storage} holds checkpoints of a different config; pass another `name` (or --out) to start a new run"
         )
-    config = {
-        "cfg": cfg, "key": key, "gaussians": ray.put(gaussians) if gaussians is not None else None,
-        "tracking": tracking, "has_val": val_ds is not None, **info,
-    }
-    datasets, config["steps"] = _split_rows(train_ds, cfg.train.num_workers, cfg.train.batch_size)
-    if val_ds is not None:
-        datasets["val"] = val_ds
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
+        loop,
+        train_loop_config={**config, "cfg": cfg, "key": key},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=str(storage),
+            name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
@@ -215,6 +239,6 @@ def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, trackin
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    if state["key"] != config["key"]:
+    if state["key"] != key:
         raise RayltError(f"{storage} holds a finished run of a different config; use another `name` or output dir")
-    return state["head"]
+    return state

@@ -61,7 +61,8 @@ def test_misspelt_key_in_a_config_file_names_the_file(tmp_path):
 def test_list_shows_registries_and_configs():
     out = raylt("list")
     assert out.returncode == 0
-    for word in ("open_clip", "pixels", "split_file", "folder", "cifar100", "demo", "places_lt.yaml"):
+    for word in ("open_clip", "pixels", "split_file", "folder", "cifar100", "demo", "places_lt.yaml", "free_lunch",
+                 "balanced_softmax", "ip_dpp", "random_cap", "bns", "instance", "text", "mean"):
         assert word in out.stdout
 
 
