@@ -113,41 +113,15 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
         moments, stats_file = class_stats(es, cfg.stats.rank, spec.transform, cache) if spec.transform else (None, None)
         gaussians = spec.build(moments, cfg.sampler) if moments is not None else None
         times["stats_s"] = time.perf_counter() - t0
-        rows, aux, extra = _chosen_rows(cfg, es, adapter)
-        c, names = es.num_classes, list(es.class_names) + list(aux.names if aux else ())
-        real = rows.counts(len(names)) if rows is not None else es.train_counts
-        syn = np.zeros(len(names), np.int64)
-        if gaussians is not None:
-            syn[:c] = synthetic_counts(real[:c], cfg.sampler.target, gaussians.valid)
-        log.info("training stream per epoch: %d real + %d synthetic embeddings, %d classes (%d auxiliary)",
-                 real.sum(), syn.sum(), len(names), len(names) - c)
-        init = None
-        if cfg.head.text_init:
-            from raylt.backbones import text_embeddings
-
-            init = text_embeddings(cfg.backbone, names)
         t0 = time.perf_counter()
-        import ray
-
-        ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic runs
-        val_ds = ray_dataset(es, "val") if es.counts.get("val", np.zeros(1)).sum() > 0 else None
-        info = {"dim": es.dim, "num_classes": len(names), "num_targets": c, "init": init, "syn_counts": syn.tolist(),
-                "train_counts": real.tolist(), "neighbours": aux.neighbours.tolist() if aux else None}
-        if rows is not None:
-            from raylt.trainset import round_steps, shard_datasets
-
-            train_ds = shard_datasets(rows, cfg.train.num_workers)
-            info["steps"] = round_steps(rows, cfg.train.num_workers, cfg.train.batch_size)
-        else:
-            train_ds = ray_dataset(es, "train")
+        train_ds, val_ds, info, extra = _head_inputs(cfg, es, gaussians, adapter)
         state = fit_ray(cfg, train_ds, val_ds, gaussians, info, out, target)
         times["train_s"] = time.perf_counter() - t0
-        save_head(state, cfg.head.name, cfg.head.scale, out / "head.npz", num_targets=c, adapter=adapter)
+        save_head(state, cfg.head.name, cfg.head.scale, out / "head.npz", num_targets=es.num_classes, adapter=adapter)
         split = _eval_split(raw)
         x, y = read_split(raw, split)
         pred = head_logits(load_head(out / "head.npz"), x).argmax(1)
-        metrics = {**evaluate(pred, y, es.train_counts, es.class_names), "split": split,
-                   "real_per_epoch": int(real.sum()), "synthetic_per_epoch": int(syn.sum()), **extra,
+        metrics = {**evaluate(pred, y, es.train_counts, es.class_names), "split": split, **extra,
                    "seconds": {k: round(v, 3) for k, v in times.items()}}
         write_metrics(metrics, out / "metrics.json")
         plot_per_class(metrics, out / "per_class.png", f"{cfg.name}: {recipe_label(cfg)}")
@@ -157,6 +131,40 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
     log.info("metrics: overall %.4f, many %s, medium %s, few %s -> %s", metrics["overall"],
              *(_fmt(metrics[g]) for g in ("many", "medium", "few")), out / "metrics.json")
     return FitResult(out, metrics, run.info.run_id if run is not None else None, uri)
+
+
+def _head_inputs(cfg: RayltConfig, es: EmbeddingSet, gaussians, adapter: dict | None):
+    """(train datasets, val dataset, trainer info, metrics) of the head stage: the real rows
+    (streamed, or chosen by a selector and joined by auxiliary rows), the synthetic budget per
+    class, and the head's classes (targets, then auxiliary)."""
+    import ray
+
+    rows, aux, extra = _chosen_rows(cfg, es, adapter)
+    c, names = es.num_classes, list(es.class_names) + list(aux.names if aux else ())
+    real = rows.counts(len(names)) if rows is not None else es.train_counts
+    syn = np.zeros(len(names), np.int64)
+    if gaussians is not None:
+        syn[:c] = synthetic_counts(real[:c], cfg.sampler.target, gaussians.valid)
+    log.info("training stream per epoch: %d real + %d synthetic embeddings, %d classes (%d auxiliary)",
+             real.sum(), syn.sum(), len(names), len(names) - c)
+    init = None
+    if cfg.head.text_init:
+        from raylt.backbones import text_embeddings
+
+        init = text_embeddings(cfg.backbone, names)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic runs
+    val_ds = ray_dataset(es, "val") if es.counts.get("val", np.zeros(1)).sum() > 0 else None
+    info = {"dim": es.dim, "num_classes": len(names), "num_targets": c, "init": init, "syn_counts": syn.tolist(),
+            "train_counts": real.tolist(), "neighbours": aux.neighbours.tolist() if aux else None}
+    if rows is not None:
+        from raylt.trainset import round_steps, shard_datasets
+
+        train_ds = shard_datasets(rows, cfg.train.num_workers)
+        info["steps"] = round_steps(rows, cfg.train.num_workers, cfg.train.batch_size)
+    else:
+        train_ds = ray_dataset(es, "train")
+    extra.update(real_per_epoch=int(real.sum()), synthetic_per_epoch=int(syn.sum()))
+    return train_ds, val_ds, info, extra
 
 
 def _chosen_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None):

@@ -39,7 +39,7 @@ def test_silenced_loss_is_cross_entropy_over_the_unmasked_classes_only():
         keep = ~mask[y[i]]
         lg = logits[i][keep]
         manual.append(-(lg[int(keep[: y[i]].sum())] - torch.logsumexp(lg, 0)))
-    assert float(loss.detach()) == pytest.approx(float(torch.stack(manual).mean()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(torch.stack(manual).mean().detach()), rel=1e-6)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     assert (logits.grad[mask[y]] == 0).all()  # a silenced logit gets no gradient at all
