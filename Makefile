@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(BIN)/python bench/head_fit.py
 	$(BIN)/python bench/embed_throughput.py
+	$(BIN)/python bench/class_stats.py
 
 lock: install
 	$(BIN)/pip freeze --exclude-editable | grep -v '^raylt' > requirements.lock
