@@ -76,14 +76,15 @@ def adapt(cfg, es: EmbeddingSet, es_key: str, out: Path, tracking: dict | None) 
     from raylt.embeddings import ray_dataset
     from raylt.train_ray import run_trainer
 
-    folder = out / f"adapted-{adapter_key(cfg, es_key)}"
+    key = adapter_key(cfg, es_key)
+    folder = out / f"adapted-{key}"
     done = folder / "adapter.npz"
     if done.is_file():
         log.info("adapted embeddings reused from %s", folder)
         return open_embeddings(folder, str(folder / "classnames.txt")), _load(done)
     t0 = time.perf_counter()
     state = run_trainer(adapter_loop, {"dim": es.dim, "tracking": tracking}, {"train": ray_dataset(es, "train")},
-                        cfg, out, "adapter", adapter_key(cfg, es_key))
+                        cfg, out, "adapter", key)
     from raylt.adapter import ResidualAdapter
 
     module = ResidualAdapter(es.dim, cfg.adapter.hidden)

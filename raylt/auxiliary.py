@@ -32,6 +32,7 @@ import torch
 
 from raylt.errors import ConfigError
 from raylt.registry import Registry
+from raylt.stats import class_sums
 
 MATCHERS: Registry[Callable[..., np.ndarray]] = Registry("auxiliary matcher")
 
@@ -111,9 +112,7 @@ def silenced(loss_fn: Callable, mask: torch.Tensor) -> Callable:
 
 
 def class_means(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
-    sums = np.zeros((num_classes, x.shape[1]))
-    np.add.at(sums, y, x)
-    return sums / np.maximum(np.bincount(y, minlength=num_classes), 1)[:, None]
+    return class_sums(x, y, num_classes) / np.maximum(np.bincount(y, minlength=num_classes), 1)[:, None]
 
 
 def cap_per_class(y: np.ndarray, cap: int, seed: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from raylt.registry import Registry
+from raylt.stats import class_sums
 
 SELECTORS: Registry[Callable[..., np.ndarray]] = Registry("selector")
 
@@ -59,8 +60,7 @@ def informativeness(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int =
         held = fold == f
         if not held.any():
             continue
-        sums = np.zeros((num_classes, x.shape[1]))
-        np.add.at(sums, y[~held], x[~held])
+        sums = class_sums(x[~held], y[~held], num_classes)
         means = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
         logits = scale * x[held] @ means.T
         logits -= logits.max(1, keepdims=True)

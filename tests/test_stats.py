@@ -81,3 +81,16 @@ def test_merge_rejects_mismatched_shapes():
     b = class_moments(np.zeros((2, 4)), np.array([0, 1]), 3, rank=3)
     with pytest.raises(ValueError, match="cannot merge"):
         merge(a, b)
+
+
+def test_class_sums_match_a_scatter_add_and_leave_absent_classes_at_zero():
+    from raylt.stats import class_sums
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(500, 6)).astype(np.float32), rng.integers(0, 8, 500)
+    y[y == 3] = 4
+    ref = np.zeros((9, 6))
+    np.add.at(ref, y, x.astype(np.float64))
+    got = class_sums(x, y, 9)
+    assert got.dtype == np.float64 and np.allclose(got, ref, atol=1e-12)
+    assert not got[3].any() and not got[8].any()
