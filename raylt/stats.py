@@ -192,7 +192,9 @@ def reduce_moments(files: list[str], num_classes: int, rank: int = 16, split: st
     """
     import ray
 
-    shard_task = ray.remote(_shard_moments)
+    # SPREAD: the shard reads are I/O on shared storage, so every node takes its share
+    # instead of the driver's node filling up first.
+    shard_task = ray.remote(_shard_moments).options(scheduling_strategy="SPREAD")
     merge_task = ray.remote(merge)
     refs = [shard_task.remote(f, split, num_classes, rank, transform) for f in files]
     return ray.get(tree_reduce(refs, merge_task.remote))

@@ -34,7 +34,8 @@ def fit_key(cfg) -> str:
     """What a checkpoint must agree with to be resumed: everything that shapes training."""
     keep = {k: to_dict(cfg)[k] for k in ("seed", "stats", "sampler", "selection", "adapter", "auxiliary", "head",
                                          "train")}
-    keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("output_dir", "cpus_per_worker")}
+    where = ("output_dir", "cpus_per_worker", "placement_strategy")  # where it runs, not what it learns
+    keep["train"] = {k: v for k, v in keep["train"].items() if k not in where}
     # Settings of a method that is off do not shape training: changing them keeps checkpoints.
     for section, off in (("selection", cfg.selection.name == "none"), ("adapter", cfg.adapter.name == "none"),
                          ("auxiliary", not cfg.auxiliary.embeddings)):
@@ -228,6 +229,7 @@ def run_trainer(loop, config: dict, datasets: dict, cfg, storage: Path, name: st
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
