@@ -26,6 +26,7 @@ bench: install
 	$(BIN)/python bench/head_fit.py
 	$(BIN)/python bench/embed_throughput.py
 	$(BIN)/python bench/class_stats.py
+	$(BIN)/python bench/sampling.py
 
 lock: install
 	$(BIN)/pip freeze --exclude-editable | grep -v '^raylt' > requirements.lock

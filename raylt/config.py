@@ -178,6 +178,7 @@ class TrainConfig:
     num_workers: int = field(default=1, metadata=_min(1))
     use_gpu: bool = False
     cpus_per_worker: float = field(default=0.5, metadata=_min(0))  # below 1 so Ray Data keeps a CPU
+    threads_per_worker: int = field(default=0, metadata=_min(0))  # torch threads; 0 = node CPUs / workers on it
     # Ray Train's placement of the workers: PACK fills one node first (fast collectives),
     # SPREAD puts them on different nodes (more memory bandwidth and NICs per worker).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

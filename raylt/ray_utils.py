@@ -44,3 +44,22 @@ def cluster_cpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def worker_threads(requested: int, local_workers: int) -> int:
+    """Torch threads for a Ray Train worker: `requested`, or this node's CPUs shared among the
+    workers on it.
+
+    Ray sets OMP_NUM_THREADS to a worker's CPU reservation, and a fractional one (the default
+    `train.cpus_per_worker`, so that Ray Data keeps a CPU) gives one thread: the head's matrix
+    products then used one core of two. The workers read their data once and then only compute,
+    so the node's cores are theirs.
+    """
+    import ray
+
+    if requested:
+        return requested
+    node = ray.get_runtime_context().get_node_id()
+    logical = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node), 1)
+    cpus = min(int(logical), len(os.sched_getaffinity(0)))
+    return max(1, cpus // max(local_workers, 1))

@@ -92,6 +92,28 @@ def places_lt_profile() -> np.ndarray:
     return np.round(np.exp(np.interp(np.arange(365), ranks, np.log(sizes)))).astype(np.int64)
 
 
+def inat_like_profile(classes: int = 8142, total: int = 437_513, groups=(842, 4076, 3224)) -> np.ndarray:
+    """A long tail the size of iNaturalist 2018's train split (8,142 classes, 437,513 images,
+    1,000 down to 2) with `groups` many (> 100), medium (20-100) and few (< 20) classes.
+    Medium and few classes are log-linear in rank (100 to 20, 19 to 2); the many-shot curve
+    from 1,000 to 101 is bent to make the total. `classes` below 8,142 keeps the shape
+    and scales the group sizes and total with it."""
+    from scipy.optimize import brentq
+
+    scale = classes / sum(groups)
+    many, medium = round(groups[0] * scale), round(groups[1] * scale)
+    few = classes - many - medium
+
+    def loglin(hi, lo, n, bend=1.0):
+        v = np.linspace(1.0, 0.0, n) ** bend
+        return np.round(lo * (hi / lo) ** v)
+
+    tail = np.concatenate([loglin(100, 20, medium), loglin(19, 2, few)])
+    budget = total * scale - tail.sum()
+    bend = brentq(lambda k: loglin(1000, 101, many, k).sum() - budget, 0.05, 50)
+    return np.concatenate([loglin(1000, 101, many, bend), tail]).astype(np.int64)
+
+
 def write_parquet(x: np.ndarray, y: np.ndarray, split: np.ndarray, path: Path, class_names=None) -> Path:
     """The embedding contract as one Parquet file (plus classnames.txt beside it if given)."""
     import pyarrow.parquet as pq

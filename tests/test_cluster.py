@@ -172,3 +172,19 @@ def test_two_nodes_give_the_same_metrics_as_one(ray_session, tmp_path):
     (single,) = run(load_config(REPO / "configs/demo.yaml", overrides(one)))
     for key in ("overall", "many", "medium", "few", "per_class"):
         assert spread["metrics"][key] == single.metrics[key], key
+
+
+def test_train_workers_use_the_node_cores_despite_a_fractional_cpu_reservation(ray_session):
+    """Ray gives a task reserving half a CPU one OpenMP thread; `worker_threads` restores the
+    node's cores, shared among the workers on it, unless a count is asked for."""
+    import ray
+    import torch
+
+    from raylt.ray_utils import worker_threads
+
+    @ray.remote(num_cpus=0.5)
+    def threads():
+        return torch.get_num_threads(), worker_threads(0, 1), worker_threads(0, 2), worker_threads(3, 1)
+
+    cores = min(2, len(os.sched_getaffinity(0)))  # the session's Ray has 2 logical CPUs
+    assert ray.get(threads.remote()) == (1, cores, max(1, cores // 2), 3)

@@ -168,3 +168,14 @@ def test_default_recipe_beats_plain_ce_on_few_shot_classes():
         res[name] = evaluate(pred, y[~tr], counts, [str(i) for i in range(len(counts))])
     assert res["gaussian"]["few"] > res["none"]["few"] + 0.1, res
     assert res["gaussian"]["overall"] > res["none"]["overall"]
+
+
+def test_inat_like_profile_has_inaturalist_2018_size_and_groups():
+    from raylt.simulate import inat_like_profile
+
+    p = inat_like_profile()
+    assert (len(p), p.sum(), p.max(), p.min()) == (8142, 437_513, 1000, 2)
+    assert ((p > 100).sum(), ((p >= 20) & (p <= 100)).sum(), (p < 20).sum()) == (842, 4076, 3224)
+    assert np.all(np.diff(p) <= 0)  # ranked, head first
+    quarter = inat_like_profile(2036)
+    assert quarter.max() == 1000 and quarter.min() == 2 and abs(quarter.sum() - 437_513 / 4) < 500
