@@ -43,14 +43,12 @@ def adapter_loop(config: dict) -> None:
 
     from raylt.adapter import ResidualAdapter, adapter_epoch, adapter_steps
     from raylt.train import epoch_generator
-    from raylt.ray_utils import worker_threads
     from raylt.train_ray import _log_mlflow, _read_shard, _report, _resume
 
     cfg = config["cfg"]
     acfg = cfg.adapter
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(worker_threads(cfg.train.threads_per_worker, ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     adapter = ray.train.torch.prepare_model(ResidualAdapter(config["dim"], acfg.hidden))

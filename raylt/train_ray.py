@@ -87,7 +87,6 @@ def train_loop(config: dict) -> None:
     cfg, key = config["cfg"], config["key"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(worker_threads(cfg.train.threads_per_worker, ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial head on every rank
     head = build_head(cfg.head.name, config["dim"], config["num_classes"], cfg.head.scale, config["init"])
@@ -230,6 +229,20 @@ def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, trackin
     return run_trainer(train_loop, config, datasets, cfg, storage, "train", fit_key(cfg))["model"]
 
 
+def _with_threads(loop):
+    """`loop` run after setting the worker's torch threads (`raylt.ray_utils.worker_threads`):
+    every trainer's workers get them, whatever their loop."""
+
+    def run(config: dict) -> None:
+        import ray.train
+
+        local = ray.train.get_context().get_local_world_size()
+        torch.set_num_threads(worker_threads(config["cfg"].train.threads_per_worker, local))
+        loop(config)
+
+    return run
+
+
 def run_trainer(loop, config: dict, datasets: dict, cfg, storage: Path, name: str, key: str) -> dict:
     """`TorchTrainer` over `loop` with the config's scaling, checkpoints under `storage/name`;
     the state of its last checkpoint. A folder holding checkpoints of another config is refused
@@ -247,7 +260,7 @@ def run_trainer(loop, config: dict, datasets: dict, cfg, storage: Path, name: st
             f"{storage} holds checkpoints of a different config; pass another `name` (or --out) to start a new run"
         )
     trainer = TorchTrainer(
-        loop,
+        _with_threads(loop),
         train_loop_config={**config, "cfg": cfg, "key": key},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
