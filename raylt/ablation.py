@@ -141,13 +141,9 @@ def ablate(cfg: RayltConfig, es: EmbeddingSet, out: Path, names: list[str] | Non
         rows = {n: results[n] for n in chosen}
         write_report(rows, out)
         if run is not None:
-            import mlflow
-
-            mlflow.log_metrics({f"{n}.{k}": float(v[k]) for n, v in rows.items() for k in COLUMNS
-                                if v.get(k) is not None})
-            mlflow.log_metric("ablation_seconds", time.perf_counter() - t0)
-            for f in ("ablation.md", "ablation.json", "ablation.png"):
-                mlflow.log_artifact(str(out / f))
+            metrics = {f"{n}.{k}": float(v[k]) for n, v in rows.items() for k in COLUMNS if v.get(k) is not None}
+            tracking.log_results({**metrics, "ablation_seconds": time.perf_counter() - t0},
+                                 [out / f for f in ("ablation.md", "ablation.json", "ablation.png")])
     return rows
 
 

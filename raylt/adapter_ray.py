@@ -43,7 +43,8 @@ def adapter_loop(config: dict) -> None:
 
     from raylt.adapter import ResidualAdapter, adapter_epoch, adapter_steps
     from raylt.train import epoch_generator
-    from raylt.train_ray import _log_mlflow, _read_shard, _report, _resume
+    from raylt.tracking import log_epoch
+    from raylt.train_ray import _read_shard, _report, _resume
 
     cfg = config["cfg"]
     acfg = cfg.adapter
@@ -61,13 +62,13 @@ def adapter_loop(config: dict) -> None:
     x, y, _ = _read_shard(ray.train.get_dataset_shard("train"), device)
     y_np = y.cpu().numpy()
     steps = adapter_steps(len(y_np), acfg, world)
+    target = config["tracking"] if rank == 0 else None
     for epoch in range(start, acfg.epochs):
         loss = adapter_epoch(adapter, opt, x, y_np, acfg, steps, epoch_generator(cfg.seed, epoch, rank))
         sched.step()
         metrics = {"epoch": epoch, "adapter_loss": loss}
         _report(plain, opt, sched, epoch, config["key"], metrics, rank)
-        if rank == 0:
-            _log_mlflow(config["tracking"], metrics, epoch)
+        target = log_epoch(target, metrics, epoch)
 
 
 def adapt(cfg, es: EmbeddingSet, es_key: str, out: Path, tracking: dict | None) -> tuple[EmbeddingSet, dict]:

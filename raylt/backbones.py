@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -219,6 +220,13 @@ def build_open_clip(cfg: BackboneConfig) -> OpenClipEncoder:
                 cache_dir=cfg.cache_dir,
                 weights_only=True,
             )
+    except pickle.UnpicklingError as e:  # weights_only refused it, so nothing in it ran
+        why = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        raise BackboneError(
+            f"backbone.pretrained {cfg.pretrained} cannot be loaded as plain weights ({(why or ['?'])[0][:120]}): "
+            "it is not a checkpoint, or it holds Python objects, which are never unpickled; save a plain "
+            "state dict (or .safetensors) where it was made"
+        ) from None
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
         where = cfg.model if is_dir else f"{cfg.model} / {cfg.pretrained}"
         raise BackboneError(

@@ -1,4 +1,4 @@
-"""The `raylt` command: `run`, `fit`, `ablate`, `embed`, `config`, `list`.
+"""The `raylt` command: `run`, `fit`, `ablate`, `embed`, `log`, `config`, `list`.
 
 Errors caused by input (config, data, weights) print as one line, `raylt: error: ...`, and
 exit with status 2; anything else is a bug and keeps its traceback.
@@ -37,6 +37,7 @@ def cmd_embed(args) -> int:
     from raylt import tracking
 
     cfg = load_config(args.config, args.overrides)
+    tracking.check_reachable(cfg)
     with tracking.start_run(cfg, "embed") as run:
         res = run_embed(cfg)
         if run is not None:
@@ -46,7 +47,7 @@ def cmd_embed(args) -> int:
     print(f"store: {res.store}")
     print(f"embeddings: {m['embedded']} (D={m['dim']}), skipped: {m['skipped']}, {how}")
     if run is not None:
-        print(f"mlflow: run {run.info.run_id} in {tracking.tracking_uri(cfg)}")
+        print(f"mlflow: run {run.info.run_id} in {tracking.redact(tracking.tracking_uri(cfg))}")
     return 0
 
 
@@ -67,8 +68,10 @@ def _report(cfg, results) -> None:
     print(_table(list(zip(labels, results))))
     for r in results:
         print(f"metrics: {r.out / 'metrics.json'}")
-        if r.run_id:
-            print(f"mlflow: run {r.run_id} in {tracking.tracking_uri(cfg)} (model {r.model_uri})")
+        if r.run_id and r.model_uri:
+            print(f"mlflow: run {r.run_id} in {tracking.redact(tracking.tracking_uri(cfg))} (model {r.model_uri})")
+        elif r.run_id:
+            print(f"mlflow: run {r.run_id} is incomplete (the server was lost); `raylt log {r.out}` logs the results")
 
 
 def cmd_run(args) -> int:
@@ -112,6 +115,14 @@ def cmd_ablate(args) -> int:
     rows = ablate(cfg, es, out, names, args.parallel, backbone)
     print(markdown(rows))
     print(f"report: {out / 'ablation.md'}, {out / 'ablation.png'}")
+    return 0
+
+
+def cmd_log(args) -> int:
+    from raylt import tracking
+
+    run_id, model_uri = tracking.log_saved(Path(args.out), args.tracking_uri)
+    print(f"mlflow: run {run_id} (model {model_uri})")
     return 0
 
 
@@ -188,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed a data set into the embedding store (Ray Data)")
     _config_args(p)
     p.set_defaults(fn=cmd_embed)
+    p = sub.add_parser("log", help="log a finished fit's output folder to MLflow (after the server was lost)")
+    p.add_argument("out", help="the fit's output folder (metrics.json, run.json, head.npz)")
+    p.add_argument("--tracking-uri", help="log to this server instead of the one the fit used")
+    p.set_defaults(fn=cmd_log)
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _config_args(p)
     p.set_defaults(fn=cmd_config)

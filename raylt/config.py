@@ -182,6 +182,9 @@ class TrainConfig:
     # Ray Train's placement of the workers: PACK fills one node first (fast collectives),
     # SPREAD puts them on different nodes (more memory bandwidth and NICs per worker).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Worker failures (a killed process, a lost node) survived by restarting the workers from
+    # the last checkpoint; past this many the run fails, and re-running it resumes.
+    max_failures: int = field(default=3, metadata=_min(0))
     output_dir: str = "outputs"  # runs write <output_dir>/<name>/: metrics, plot, checkpoints
 
 
@@ -217,7 +220,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} on {CLI} is not key=value (e.g. embed.batch_size=64)")
-        _set(flat, origin, key.strip(), yaml.safe_load(raw) if raw.strip() else None, CLI)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r} on {CLI} is not a valid YAML value: "
+                              f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+        _set(flat, origin, key.strip(), value, CLI)
     return _build(RayltConfig, _unflatten(flat), origin, prefix="")
 
 

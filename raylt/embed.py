@@ -148,6 +148,17 @@ def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: Resou
     )
 
 
+def usable_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(ok, error) of an encoded batch: an encoder that overflows (fp16 on odd inputs) gives
+    NaN or infinite values, which become a counted skip like an unreadable image, never a row."""
+    ok, errors = batch["ok"], batch["error"]
+    broken = ok & ~np.isfinite(batch["embedding"]).all(axis=1)
+    if broken.any():
+        ok, errors = ok & ~broken, errors.copy()
+        errors[broken] = "the encoder returned NaN or infinite values; try embed.precision=fp32"
+    return ok, errors
+
+
 def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_bad_fraction: float) -> tuple[int, float]:
     """Write results to the store as they arrive; stop as soon as too many images fail.
 
@@ -156,18 +167,18 @@ def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_ba
     """
     t0, done, skipped, warmup = time.perf_counter(), 0, [], None
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ok = batch["ok"]
+        ok, errors = usable_rows(batch)
         if warmup is None:
             warmup = time.perf_counter() - t0
         written = store.add(
-            batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], batch["error"]
+            batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], errors
         )
         done += len(ok)
         for k in written:
             rate = done / max(time.perf_counter() - t0, 1e-9)
             log.info("shard %d/%d written; %d/%d images, %.0f images/s", k + 1, store.num_shards, done, n_rows, rate)
         # Checked after the shards this batch completed are written, so they are kept.
-        skipped += [{"id": i, "error": e} for i, e in zip(batch["id"][~ok], batch["error"][~ok])]
+        skipped += [{"id": i, "error": e} for i, e in zip(batch["id"][~ok], errors[~ok])]
         if msg := _too_many_bad(skipped, total, max_bad_fraction):
             raise DataError(msg)
     return done, warmup or 0.0
@@ -190,11 +201,21 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
         "shard_size": cfg.embed.shard_size,
     }
     store = EmbeddingStore.open(expand_path(cfg.store.root), inputs, source.table.num_rows)
-    pending = store.pending_shards()
-    if not pending:
-        log.info("embedding store %s is complete: reused", store.path)
-        return EmbedResult(store.path, store.manifest(), True, 0, time.perf_counter() - t0)
+    with store.writing():
+        damaged = store.verify()
+        if damaged:
+            log.warning("embedding store %s: %d damaged shard(s) are recomputed: %s", store.path, len(damaged),
+                        ", ".join(f"part-{k:05d} ({why})" for k, why in list(damaged.items())[:5]))
+            store.drop(damaged)
+        pending = store.pending_shards()
+        if not pending:
+            log.info("embedding store %s is complete: reused", store.path)
+            return EmbedResult(store.path, store.manifest(), True, 0, time.perf_counter() - t0)
+        return _embed_pending(cfg, source, store, pending, encoder, plan)
 
+
+def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pending: list[int], encoder,
+                   plan: ResourcePlan) -> EmbedResult:
     n_rows = sum(hi - lo for lo, hi in map(store.shard_rows, pending))
     log.info(
         "embedding %d images (%d of %d shards) with %d %s actor(s), %s, into %s",

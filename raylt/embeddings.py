@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raylt.errors import DataError
+from raylt.store import verified_files
 
 log = logging.getLogger(__name__)
 REQUIRED = ("embedding", "label", "split")
@@ -46,10 +47,11 @@ class EmbeddingSet:
 
 def _files(path: Path) -> tuple[list[Path], dict | None]:
     if (path / "manifest.json").is_file():
-        man = json.loads((path / "manifest.json").read_text())
-        if man.get("status") != "complete":
-            raise DataError(f"{path} is not a finished embedding store; run `raylt embed` to complete it")
-        return [path / f for f in man["files"]], man
+        try:
+            man = json.loads((path / "manifest.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{path}/manifest.json is damaged; run `raylt embed` with the store's config to rebuild it") from None
+        return verified_files(path, man), man
     if path.is_file():
         return [path], None
     if path.is_dir():
@@ -65,6 +67,9 @@ def _dim(f: Path, schema: pa.Schema) -> int:
     if missing:
         raise DataError(f"embeddings file {f} lacks column(s) {missing}; it needs {list(REQUIRED)}")
     t = schema.field("embedding").type
+    numeric = hasattr(t, "value_type") and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type))
+    if not numeric:
+        raise DataError(f"column 'embedding' of {f} is {t}, not a list of floats")
     if pa.types.is_fixed_size_list(t):
         return t.list_size
     if pa.types.is_list(t) or pa.types.is_large_list(t):
@@ -73,13 +78,41 @@ def _dim(f: Path, schema: pa.Schema) -> int:
     raise DataError(f"column 'embedding' of {f} is {t}, not a list of floats")
 
 
+def _schema(f: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(f)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"embeddings file {f} is not a readable Parquet file ({str(e).splitlines()[0][:120]}); "
+                        "remove it or write it again") from None
+
+
+def _check_values(f: Path, dim: int) -> None:
+    """Every row of a user's file has `dim` finite floats (a store's rows are checked when
+    written and vouched for by its checksums)."""
+    col = pq.read_table(f, columns=["embedding"])["embedding"].combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        odd = np.flatnonzero(lengths != dim)
+        if odd.size:
+            raise DataError(f"embeddings file {f}: row {int(odd[0])} has {lengths[odd[0]]} values where the first has "
+                            f"{dim}; every embedding must have the same size")
+    x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) if dim else np.zeros((0, 0))
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise DataError(f"embeddings file {f}: {bad.size} row(s) hold NaN or infinite values (first: row {int(bad[0])}); "
+                        "drop or recompute them")
+
+
 def open_embeddings(path, class_names_file: str | None = None) -> EmbeddingSet:
     """Validate an embeddings input and count its images per split and class."""
     path = Path(path).expanduser().resolve()
     files, manifest = _files(path)
     dims, labels, splits = set(), [], []
     for f in files:
-        dims.add(_dim(f, pq.read_schema(f)))
+        dim = _dim(f, _schema(f))
+        dims.add(dim)
+        if manifest is None:
+            _check_values(f, dim)
         t = pq.read_table(f, columns=["label", "split"])
         if not pa.types.is_integer(t.schema.field("label").type):
             raise DataError(f"column 'label' of {f} is {t.schema.field('label').type}, not integers")

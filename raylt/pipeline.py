@@ -2,7 +2,8 @@
 
 `fit(cfg, embeddings, out)` runs every stage after `embed` on an `EmbeddingSet` and writes
 into `out`: `class_stats.npz` (reused when present for the same inputs), Ray Train
-checkpoints under `train/`, `head.npz`, `metrics.json` and `per_class.png`. `run(cfg)` embeds
+checkpoints under `train/`, `head.npz`, `metrics.json`, `per_class.png`, and `config.yaml`
+with `run.json` (what `raylt log` needs). One fit at a time holds `out` (`out/.lock`). `run(cfg)` embeds
 the configured data set first (raylt.embed) and fits into `<train.output_dir>/<name>`.
 MLflow logging goes through raylt.tracking, from the driver and from rank 0.
 """
@@ -14,6 +15,7 @@ import hashlib
 import logging
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from raylt.config import RayltConfig, expand_path, to_dict
 from raylt.embeddings import EmbeddingSet, open_embeddings, ray_dataset, read_split
 from raylt.errors import DataError
 from raylt.evaluate import evaluate, plot_per_class, write_metrics
+from raylt.locks import file_lock
 from raylt.sampling import SAMPLERS, TRANSFORMS, synthetic_counts
 from raylt.stats import ClassMoments, load_moments, reduce_moments, save_moments
 
@@ -67,8 +70,12 @@ def class_stats(es: EmbeddingSet, rank: int, transform: str, cache_dir: Path) ->
     moments and their file."""
     path = cache_dir / f"class_stats-{transform}-r{rank}-{_files_key(es)}.npz"
     if path.is_file():
-        log.info("class statistics reused from %s", path)
-        return load_moments(path)[0], path
+        try:
+            moments = load_moments(path)[0]
+            log.info("class statistics reused from %s", path)
+            return moments, path
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a cut-short or altered file
+            log.warning("class statistics %s are damaged (%s: %s): computed again", path, type(e).__name__, e)
     t0 = time.perf_counter()
     fwd = TRANSFORMS[transform][0] if transform != "identity" else None
     m = reduce_moments(list(es.files), es.num_classes, rank, "train", fwd)
@@ -90,12 +97,26 @@ def _eval_split(es: EmbeddingSet) -> str:
 def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = None, run_name: str = "fit",
         parent_run_id: str | None = None) -> FitResult:
     from raylt import tracking
+
+    check_names(cfg)
+    tracking.check_reachable(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    # One run per output folder: two would share Ray Train's checkpoints and the results.
+    with file_lock(out / ".lock", f"output folder {out}", wait=False,
+                   hint="wait for that run to end, or pick another `name` (or --out)"):
+        metrics, run_id, uri = _fit_locked(cfg, es, out, backbone, run_name, parent_run_id)
+    log.info("metrics: overall %.4f, many %s, medium %s, few %s -> %s", metrics["overall"],
+             *(_fmt(metrics[g]) for g in ("many", "medium", "few")), out / "metrics.json")
+    return FitResult(out, metrics, run_id, uri)
+
+
+def _fit_locked(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None, run_name: str,
+                parent_run_id: str | None) -> tuple[dict, str | None, str | None]:
+    from raylt import tracking
     from raylt.pyfunc import head_logits, load_head, save_head
     from raylt.ray_utils import init_ray
     from raylt.train_ray import fit_ray
 
-    check_names(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.ray)
     spec, times = SAMPLERS.get(cfg.sampler.name), {}
     with tracking.start_run(cfg, run_name, parent_run_id) as run:
@@ -114,6 +135,8 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
         gaussians = spec.build(moments, cfg.sampler) if moments is not None else None
         del moments  # views on the reduce's result in the object store (0.85 GB at iNaturalist size)
         times["stats_s"] = time.perf_counter() - t0
+        tracking.record_run(cfg, out, run, run_name, stats_file,
+                            {"class_names": list(es.class_names), "backbone": backbone})
         t0 = time.perf_counter()
         train_ds, val_ds, info, extra = _head_inputs(cfg, es, gaussians, adapter)
         state = fit_ray(cfg, train_ds, val_ds, gaussians, info, out, target)
@@ -126,9 +149,8 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
                    "seconds": {k: round(v, 3) for k, v in times.items()}}
         write_metrics(metrics, out / "metrics.json")
         plot_per_class(metrics, out / "per_class.png", f"{cfg.name}: {recipe_label(cfg)}")
-        uri = None
-        if run is not None:
-            uri = tracking.log_fit(metrics, out, stats_file, {"class_names": list(es.class_names), "backbone": backbone})
+        uri = tracking.log_fit(metrics, out) if run is not None else None
+    return metrics, run.info.run_id if run is not None else None, uri
     log.info("metrics: overall %.4f, many %s, medium %s, few %s -> %s", metrics["overall"],
              *(_fmt(metrics[g]) for g in ("many", "medium", "few")), out / "metrics.json")
     return FitResult(out, metrics, run.info.run_id if run is not None else None, uri)
@@ -165,6 +187,7 @@ def _head_inputs(cfg: RayltConfig, es: EmbeddingSet, gaussians, adapter: dict | 
         info["rows"] = np.diff(cuts(len(rows.y), cfg.train.num_workers)).tolist()
     else:
         train_ds = ray_dataset(es, "train")
+        info["train_rows"] = int(es.train_counts.sum())
     extra.update(real_per_epoch=int(real.sum()), synthetic_per_epoch=int(syn.sum()))
     return train_ds, val_ds, info, extra
 
@@ -236,7 +259,10 @@ def run(cfg: RayltConfig, baseline: bool = False) -> list[FitResult]:
     """The whole pipeline: embed (or reuse the store), then fit; optionally the CE baseline too."""
     from raylt.embed import run_embed
 
+    from raylt import tracking
+
     check_names(cfg)
+    tracking.check_reachable(cfg)  # before hours of embedding, not after
     res = run_embed(cfg)
     es = open_embeddings(res.store)
     out = expand_path(cfg.train.output_dir) / cfg.name

@@ -110,14 +110,13 @@ class HeadModel(_Base):
         return pd.DataFrame(softmax(head_logits(self.head, x)), columns=self.class_names)
 
 
-def log_model(head_path: Path, meta: dict, workdir: Path) -> str:
-    """Log the pyfunc model into the active MLflow run; returns its model URI."""
+def log_model(head_path: Path, meta_path: Path) -> str:
+    """Log the pyfunc model (head weights, and class names and backbone in `meta_path`) into
+    the active MLflow run; returns its model URI."""
     import mlflow
 
     import raylt
 
-    meta_path = workdir / "model_meta.json"
-    meta_path.write_text(json.dumps(meta))
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),

@@ -10,17 +10,26 @@ A shard covers a fixed range of source rows. It is done when its marker `part-K.
 are listed in the marker; such shards are tried again on the next run until the store is
 complete, so a transient read error or a fixed image costs one shard, not the run.
 
+Every shard's SHA-256 is in its marker and, once complete, in the manifest. `verify()` checks
+them: a truncated, altered or missing shard (a bad disk, a copy cut short, an edit) is never
+read as valid. `run_embed` recomputes such shards; readers refuse the store in one line.
+Writers hold `<store>/.lock` (an advisory `flock`), so two runs of the same data set on one
+machine or shared file system never interleave their shards: the second waits, then reuses.
+
 Record columns: `embedding` fixed_size_list<float32>[D], `label` int64, `split` string, `id` string.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +37,9 @@ import pyarrow.parquet as pq
 
 from raylt import __version__
 from raylt.errors import DataError
+from raylt.locks import file_lock
 
+log = logging.getLogger(__name__)
 STORE_FORMAT = 1
 
 
@@ -37,10 +48,32 @@ def fingerprint(inputs: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write_bytes(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must never publish bytes still in the page cache only
     os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON file of the store, or None when it is missing or cut short (a crash mid-write)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is damaged and is ignored: what it described is checked again", path)
+        return None
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -80,10 +113,16 @@ class EmbeddingStore:
         if man is None:
             path.mkdir(parents=True, exist_ok=True)
             store._write_manifest(status="incomplete")
-        # Half-written files of an interrupted run; never read, since only renamed files count.
-        for stale in path.glob(".*.tmp-*"):
-            stale.unlink(missing_ok=True)
         return store
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator["EmbeddingStore"]:
+        """Hold the store's writer lock (waiting for another writer), then clear half-written
+        files of interrupted runs: once the lock is held, no live writer owns them."""
+        with file_lock(self.path / ".lock", f"embedding store {self.path}", wait=True):
+            for stale in self.path.glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
+            yield self
 
     # ------------------------------------------------------------------ state
 
@@ -95,18 +134,45 @@ class EmbeddingStore:
         return k * self.shard_size, min((k + 1) * self.shard_size, self.num_rows)
 
     def manifest(self) -> dict | None:
-        f = self.path / "manifest.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+        return _read_json(self.path / "manifest.json")
 
     def is_complete(self) -> bool:
         man = self.manifest()
         return man is not None and man.get("status") == "complete"
 
     def marker(self, k: int) -> dict | None:
-        f = self.path / f"part-{k:05d}.json"
-        if not f.is_file() or not (self.path / f"part-{k:05d}.parquet").is_file():
+        if not (self.path / f"part-{k:05d}.parquet").is_file():
             return None
-        return json.loads(f.read_text())
+        return _read_json(self.path / f"part-{k:05d}.json")
+
+    def verify(self) -> dict[int, str]:
+        """Shards whose Parquet file does not match its recorded checksum: {shard: why}."""
+        man = self.manifest() or {}
+        recorded = man.get("checksums", {}) if man.get("status") == "complete" else {}
+        bad = {}
+        for k in range(self.num_shards):
+            name = f"part-{k:05d}.parquet"
+            m = self.marker(k)
+            want = recorded.get(name) or (m or {}).get("sha256")
+            if m is None and not recorded:
+                continue  # not written yet: pending, not damaged
+            if not (self.path / name).is_file():
+                bad[k] = "missing"
+            elif want is None:
+                bad[k] = "no checksum recorded"
+            elif file_sha256(self.path / name) != want:
+                bad[k] = "checksum mismatch"
+        return bad
+
+    def drop(self, shards) -> None:
+        """Forget shards (marker first, so a crash in between leaves them pending) and mark the
+        store incomplete: they are recomputed."""
+        for k in shards:
+            (self.path / f"part-{k:05d}.json").unlink(missing_ok=True)
+            (self.path / f"part-{k:05d}.parquet").unlink(missing_ok=True)
+        man = self.manifest() or {}
+        if man.get("status") != "incomplete":
+            self._write_manifest(status="incomplete")
 
     def pending_shards(self) -> list[int]:
         """Shards to (re)compute: no marker yet, or a marker with unread images."""
@@ -148,12 +214,13 @@ class EmbeddingStore:
             raise RuntimeError(f"shard {k} received rows other than {lo}..{hi - 1} exactly once")
         ok = cat["ok"]
         table = embedding_table(cat["emb"][ok], cat["labels"][ok], cat["splits"][ok], cat["ids"][ok])
-        target = self.path / f"part-{k:05d}.parquet"
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, target)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()  # hashed in memory: no second read of the file
+        _atomic_write_bytes(self.path / f"part-{k:05d}.parquet", data)
         skipped = [{"id": i, "error": e} for i, e in zip(cat["ids"][~ok], cat["errors"][~ok])]
-        _write_json(self.path / f"part-{k:05d}.json", {"rows": hi - lo, "embedded": int(ok.sum()), "skipped": skipped})
+        _write_json(self.path / f"part-{k:05d}.json", {"rows": hi - lo, "embedded": int(ok.sum()), "skipped": skipped,
+                                                      "sha256": hashlib.sha256(data).hexdigest()})
 
     def skipped(self) -> list[dict]:
         out = []
@@ -182,6 +249,7 @@ class EmbeddingStore:
             skipped=sum(len(m["skipped"]) for m in markers),
             split_rows=split_rows,
             files=files,
+            checksums={f: m["sha256"] for f, m in zip(files, markers)},
             **extra,
         )
 
@@ -199,13 +267,25 @@ class EmbeddingStore:
         return man
 
 
-def read_store(path: str | os.PathLike, split: str | None = None) -> pa.Table:
-    """All embedding records of a finished store (optionally one split)."""
-    path = Path(path)
-    man_file = path / "manifest.json"
-    if not man_file.is_file() or json.loads(man_file.read_text()).get("status") != "complete":
+def verified_files(path: Path, man: dict) -> list[Path]:
+    """The Parquet files of a finished store, after checking them against its checksums."""
+    if man.get("status") != "complete":
         raise DataError(f"{path} is not a finished embedding store; run `raylt embed` to complete it")
-    files = [path / f for f in json.loads(man_file.read_text())["files"]]
+    files = [path / f for f in man["files"]]
+    sums = man.get("checksums") or {}
+    for f in files:
+        why = ("is missing" if not f.is_file() else "has no checksum in the manifest" if f.name not in sums
+               else "does not match its checksum" if file_sha256(f) != sums[f.name] else None)
+        if why:
+            raise DataError(f"embedding store {path} is damaged: {f.name} {why}; "
+                            "run `raylt embed` (or `raylt run`) with its config to rebuild the damaged shards")
+    return files
+
+
+def read_store(path: str | os.PathLike, split: str | None = None) -> pa.Table:
+    """All embedding records of a finished, verified store (optionally one split)."""
+    path = Path(path)
+    files = verified_files(path, _read_json(path / "manifest.json") or {})
     table = pa.concat_tables([pq.read_table(f) for f in files])
     if split is not None:
         import pyarrow.compute as pc

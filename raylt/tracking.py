@@ -5,22 +5,42 @@ The tracking URI is `tracking.uri`, else MLFLOW_TRACKING_URI, else a SQLite data
 temporary working directory of `ray job submit`). For a SQLite store the experiment's
 artifacts go to `mlartifacts/` beside the database, not to `./mlruns` of whatever directory
 the job happens to run in. The experiment is `tracking.experiment`, else the config's `name`.
+
+Tracking never costs a run its result. An unreachable server is an error before any work
+(`check_reachable`); a server lost mid-run is a warning: training finishes, everything stays
+in the output folder (`run.json` says which run it belongs to) and `raylt log OUT` logs it once
+the server is back. Secrets never reach MLflow: passwords in URIs and values of environment
+variables named like secrets are masked in params (`flat_params`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
-from raylt.config import RayltConfig, to_dict
+from raylt.config import RayltConfig, dump_yaml, load_config, to_dict
+from raylt.errors import ConfigError, RayltError
+
+log = logging.getLogger(__name__)
 
 # Row counts of a fit (metrics.json) that are logged as MLflow metrics too.
 _COUNTS = ("real_per_epoch", "synthetic_per_epoch", "selected_per_round", "selection_rounds", "auxiliary_classes",
            "auxiliary_rows", "auxiliary_synonyms_dropped")
 # MLflow keeps parameter values up to this many characters.
 _PARAM_MAX = 6000
+# MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) stall a run for minutes
+# per call once the server is gone; these apply unless the user set them.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE", re.I)
+RUN_FILE = "run.json"
 
 
 def tracking_uri(cfg: RayltConfig) -> str:
@@ -32,8 +52,25 @@ def tracking_uri(cfg: RayltConfig) -> str:
     return uri
 
 
+def redact(text: str) -> str:
+    """`text` without URI passwords and without the values of secret-named environment
+    variables (a `${MLFLOW_TRACKING_PASSWORD}` in a config is expanded before it gets here)."""
+    def no_password(m: re.Match) -> str:
+        parts = urlsplit(m.group(0))
+        if parts.password is None:
+            return m.group(0)
+        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"
+                                         + (f":{parts.port}" if parts.port else "")))
+
+    text = re.sub(r"[a-z][a-z0-9+.-]*://[^\s'\"]+", no_password, text)
+    for name, value in os.environ.items():
+        if _SECRET_NAME.search(name) and len(value) >= 6 and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
 def flat_params(cfg: RayltConfig) -> dict[str, str]:
-    """The resolved config as dotted MLflow params (`embed.batch_size`)."""
+    """The resolved config as dotted MLflow params (`embed.batch_size`), secrets masked."""
     out: dict[str, str] = {}
 
     def walk(d: dict, prefix: str) -> None:
@@ -41,7 +78,7 @@ def flat_params(cfg: RayltConfig) -> dict[str, str]:
             if isinstance(v, dict) and v:
                 walk(v, f"{prefix}{k}.")
             else:
-                out[f"{prefix}{k}"] = str(v)[:_PARAM_MAX]
+                out[f"{prefix}{k}"] = redact(str(v))[:_PARAM_MAX]
 
     walk(to_dict(cfg), "")
     return out
@@ -57,64 +94,206 @@ def _experiment_id(mlflow, name: str, uri: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+def check_reachable(cfg: RayltConfig) -> None:
+    """A one-line error, before any expensive stage, when the tracking store cannot be used."""
+    if not cfg.tracking.enabled:
+        return
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10)
+        except requests.RequestException as e:
+            raise RayltError(
+                f"MLflow tracking server {redact(uri)} is unreachable ({type(e).__name__}); start it, fix tracking.uri "
+                "(or MLFLOW_TRACKING_URI), or set tracking.enabled=false"
+            ) from None
+    elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
+        raise ConfigError(f"the folder of MLflow database {uri} does not exist; create it or fix tracking.uri")
+
+
+def _lost(what: str, e: Exception, out: Path | None = None) -> None:
+    later = f"; the results are in {out}: `raylt log {out}` logs them once it is back" if out else ""
+    log.warning("MLflow failed while %s (%s: %s)%s", what, type(e).__name__, redact(str(e)).splitlines()[0][:200]
+                if str(e) else "", later)
+
+
 @contextlib.contextmanager
-def start_run(cfg: RayltConfig, run_name: str, parent_run_id: str | None = None) -> Iterator[object | None]:
-    """An MLflow run with the resolved config as params (a child of `parent_run_id` if given);
-    yields None when tracking is off."""
+def start_run(cfg: RayltConfig, run_name: str, parent_run_id: str | None = None,
+              run_id: str | None = None) -> Iterator[object | None]:
+    """An MLflow run with the resolved config as params (a child of `parent_run_id` if given,
+    or the existing run `run_id` continued); yields None when tracking is off. Closing the run
+    on a lost server is a warning, not an error: the work is done by then."""
     if not cfg.tracking.enabled:
         yield None
         return
     import mlflow
 
+    for k, v in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
-    exp_id = _experiment_id(mlflow, cfg.tracking.experiment or cfg.name, uri)
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id) as run:
-        params = flat_params(cfg)
-        keys = sorted(params)
-        for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
-            mlflow.log_params({k: params[k] for k in keys[i : i + 100]})
+    try:
+        if run_id is not None:
+            run = mlflow.start_run(run_id=run_id)
+        else:
+            exp_id = _experiment_id(mlflow, cfg.tracking.experiment or cfg.name, uri)
+            run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id)
+            params = flat_params(cfg)
+            keys = sorted(params)
+            for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
+                mlflow.log_params({k: params[k] for k in keys[i : i + 100]})
+    except RayltError:
+        raise
+    except Exception as e:
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+        raise RayltError(f"cannot start an MLflow run at {redact(uri)} ({type(e).__name__}: "
+                         f"{redact(str(e)).splitlines()[0][:200] if str(e) else ''}); fix tracking.uri or set "
+                         "tracking.enabled=false") from None
+    status = "FAILED"
+    try:
         yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception as e:  # end_run has dropped the run locally before it failed
+            _lost("closing the run", e)
 
 
 def log_embed(result) -> None:
-    """Metrics, tags and the store manifest of an embedding-stage result."""
+    """Metrics, tags and the store manifest of an embedding-stage result (a warning if the
+    server is lost: the store is complete either way)."""
     import mlflow
 
     m = result.manifest
-    mlflow.log_metrics({
-        "embed_images": float(m["num_rows"]),
-        "embed_embedded": float(m["embedded"]),
-        "embed_skipped": float(m["skipped"]),
-        "embed_computed": float(result.computed_rows),
-        "embed_seconds": float(result.seconds),
-        "embed_images_per_s": float(result.images_per_s),
-    })
-    mlflow.set_tags({"raylt.store": str(result.store), "raylt.store_reused": str(result.reused), "raylt.dim": m["dim"]})
-    mlflow.log_dict(m, "embedding_store/manifest.json")
+    try:
+        mlflow.log_metrics({
+            "embed_images": float(m["num_rows"]),
+            "embed_embedded": float(m["embedded"]),
+            "embed_skipped": float(m["skipped"]),
+            "embed_computed": float(result.computed_rows),
+            "embed_seconds": float(result.seconds),
+            "embed_images_per_s": float(result.images_per_s),
+        })
+        mlflow.set_tags({"raylt.store": str(result.store), "raylt.store_reused": str(result.reused),
+                         "raylt.dim": m["dim"]})
+        mlflow.log_dict(m, "embedding_store/manifest.json")
+    except Exception as e:
+        _lost("logging the embedding stage", e)
 
 
 def worker_target(run) -> dict | None:
-    """Where Ray Train's rank 0 logs per-epoch metrics: this run, through this tracking URI."""
+    """Where Ray Train's rank 0 logs per-epoch metrics: this run, through this tracking URI,
+    with the driver's HTTP retry settings (workers do not inherit its environment)."""
     if run is None:
         return None
     import mlflow
 
-    return {"uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id}
+    return {"uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id,
+            "env": {k: os.environ[k] for k in _HTTP_DEFAULTS if k in os.environ}}
 
 
-def log_fit(metrics: dict, out: Path, stats_file: Path | None, model_meta: dict) -> str:
-    """Final metrics, metrics.json, the per-class plot, the class statistics and the model."""
+def log_epoch(target: dict | None, metrics: dict, epoch: int) -> dict | None:
+    """Log one epoch's metrics from a train worker; returns the target, or None once the
+    server is lost (the epoch metrics are then dropped with one warning; training goes on)."""
+    if not target:
+        return None
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    for k, v in target.get("env", {}).items():
+        os.environ.setdefault(k, v)
+    now = int(time.time() * 1000)
+    try:
+        MlflowClient(target["uri"]).log_batch(
+            target["run_id"], metrics=[Metric(k, float(v), now, int(epoch)) for k, v in metrics.items() if k != "epoch"])
+    except Exception as e:
+        _lost(f"logging epoch {epoch}; later epochs are not logged", e)
+        return None
+    return target
+
+
+def log_results(metrics: dict, files: list[Path]) -> bool:
+    """Metrics and files into the active run; False (with a warning) when the server is lost."""
+    import mlflow
+
+    try:
+        mlflow.log_metrics(metrics)
+        for f in files:
+            mlflow.log_artifact(str(f))
+    except Exception as e:
+        _lost("logging the results", e, files[0].parent if files else None)
+        return False
+    return True
+
+
+def record_run(cfg: RayltConfig, out: Path, run, run_name: str, stats_file: Path | None, model_meta: dict) -> None:
+    """`out/run.json` and `out/config.yaml`: what `raylt log` needs to log this fit later."""
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    (out / "model_meta.json").write_text(json.dumps(model_meta))
+    rec = {"run_id": run.info.run_id if run is not None else None,
+           "tracking_uri": tracking_uri(cfg) if cfg.tracking.enabled else None, "run_name": run_name,
+           "stats_file": str(stats_file) if stats_file else None, "logged": False}
+    (out / RUN_FILE).write_text(json.dumps(rec, indent=1) + "\n")
+
+
+def log_fit(metrics: dict, out: Path) -> str | None:
+    """Final metrics, metrics.json, the per-class plot, the class statistics and the model into
+    the active run; the model URI, or None when the server is lost (the message says how to
+    log them later)."""
     import mlflow
 
     from raylt.pyfunc import log_model
 
+    rec = json.loads((out / RUN_FILE).read_text())
     final = {f"test_{k}": metrics[k] for k in ("overall", "many", "medium", "few") if metrics.get(k) is not None}
     final.update({k: v for k, v in metrics["seconds"].items()})
     final.update({k: v for k, v in metrics.items() if k in _COUNTS})
-    mlflow.log_metrics({k: float(v) for k, v in final.items()})
-    mlflow.log_artifact(str(out / "metrics.json"))
-    mlflow.log_artifact(str(out / "per_class.png"))
-    if stats_file is not None:
-        mlflow.log_artifact(str(stats_file), artifact_path="class_stats")
-    return log_model(out / "head.npz", model_meta, out)
+    try:
+        mlflow.log_metrics({k: float(v) for k, v in final.items()})
+        mlflow.log_artifact(str(out / "metrics.json"))
+        mlflow.log_artifact(str(out / "per_class.png"))
+        if rec["stats_file"] and Path(rec["stats_file"]).is_file():
+            mlflow.log_artifact(rec["stats_file"], artifact_path="class_stats")
+        uri = log_model(out / "head.npz", out / "model_meta.json")
+    except Exception as e:
+        _lost("logging the results", e, out)
+        return None
+    (out / RUN_FILE).write_text(json.dumps({**rec, "logged": True, "model_uri": uri}, indent=1) + "\n")
+    return uri
+
+
+def log_saved(out: Path, uri: str | None = None) -> tuple[str, str]:
+    """Log a finished fit from its output folder (`raylt log`): into its own run when the
+    server knows it, else into a new run; (run id, model URI)."""
+    import mlflow
+
+    out = Path(out).expanduser().resolve()
+    if not (out / RUN_FILE).is_file() or not (out / "metrics.json").is_file():
+        raise RayltError(f"{out} holds no finished fit (run.json and metrics.json); pass the folder a fit wrote")
+    rec = json.loads((out / RUN_FILE).read_text())
+    cfg = load_config(out / "config.yaml")
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, enabled=True, uri=uri or rec["tracking_uri"] or tracking_uri(cfg)))
+    check_reachable(cfg)
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    run_id = rec["run_id"]
+    try:
+        run_id = run_id if run_id and mlflow.get_run(run_id) else None
+    except Exception:  # another server, or the run was deleted: a new run
+        run_id = None
+    with start_run(cfg, rec["run_name"], run_id=run_id) as run:
+        model_uri = log_fit(json.loads((out / "metrics.json").read_text()), out)
+    if model_uri is None:
+        raise RayltError(f"MLflow at {redact(tracking_uri(cfg))} failed while logging {out}; try again")
+    rec = json.loads((out / RUN_FILE).read_text())
+    (out / RUN_FILE).write_text(json.dumps({**rec, "run_id": run.info.run_id}, indent=1) + "\n")
+    return run.info.run_id, model_uri

@@ -18,7 +18,9 @@ import json
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,8 @@ def fit_key(cfg) -> str:
     """What a checkpoint must agree with to be resumed: everything that shapes training."""
     keep = {k: to_dict(cfg)[k] for k in ("seed", "stats", "sampler", "selection", "adapter", "auxiliary", "head",
                                          "train")}
-    where = ("output_dir", "cpus_per_worker", "threads_per_worker", "placement_strategy")  # where it runs, not what it learns
+    # where and how it runs, not what it learns
+    where = ("output_dir", "cpus_per_worker", "threads_per_worker", "placement_strategy", "max_failures")
     keep["train"] = {k: v for k, v in keep["train"].items() if k not in where}
     # Settings of a method that is off do not shape training: changing them keeps checkpoints.
     for section, off in (("selection", cfg.selection.name == "none"), ("adapter", cfg.adapter.name == "none"),
@@ -55,25 +58,6 @@ def _evaluate_val(head, val: tuple[torch.Tensor, torch.Tensor], num_targets: int
     return hits / max(len(y), 1)
 
 
-def _log_mlflow(tracking: dict | None, metrics: dict, epoch: int) -> None:
-    if not tracking:
-        return
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking["uri"]).log_batch(
-        tracking["run_id"],
-        metrics=[_metric(k, v, epoch) for k, v in metrics.items() if k != "epoch"],
-    )
-
-
-def _metric(key, value, step):
-    import time
-
-    from mlflow.entities import Metric
-
-    return Metric(key, float(value), int(time.time() * 1000), step)
-
-
 def train_loop(config: dict) -> None:
     """The per-worker loop (Ray Train)."""
     import ray
@@ -82,6 +66,7 @@ def train_loop(config: dict) -> None:
 
     from raylt.heads import build_head, build_loss
     from raylt.sampling import GaussianSampler
+    from raylt.tracking import log_epoch
     from raylt.train import make_optimizer, train_epochs
 
     cfg, key = config["cfg"], config["key"]
@@ -106,6 +91,7 @@ def train_loop(config: dict) -> None:
     # Rank 0 scores the val split every epoch: read once, like the train shard (a streaming
     # execution per epoch cost seconds each).
     val = _read_shard(ray.train.get_dataset_shard("val"), device)[:2] if config["has_val"] and rank == 0 else None
+    target = config["tracking"] if rank == 0 else None
     if start >= cfg.train.epochs:
         return  # finished earlier: the result is its last checkpoint
     x, y, keep = _read_shard(shard, device, config["rows"][rank])
@@ -116,8 +102,7 @@ def train_loop(config: dict) -> None:
         if rank == 0 and val is not None:
             metrics["val_top1"] = _evaluate_val(plain, val, config.get("num_targets", config["num_classes"]))
         _report(plain, opt, sched, epoch, key, metrics, rank)
-        if rank == 0:
-            _log_mlflow(config["tracking"], metrics, epoch)
+        target = log_epoch(target, metrics, epoch)
 
 
 def _read_shard(shard, device, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -193,7 +178,7 @@ def _previous_key(run_dir: Path) -> str | None:
     return torch.load(states[-1], map_location="cpu", weights_only=True)["key"]
 
 
-def _split_rows(train_ds, workers: int, batch_size: int) -> tuple[dict, int, list[int]]:
+def _split_rows(train_ds, workers: int, batch_size: int, n: int | None = None) -> tuple[dict, int, list[int]]:
     """One dataset per rank, `train_<rank>`, of N / workers rows each (sizes differ by at most
     one), the number of steps every rank takes per epoch, and the rows of each rank.
 
@@ -202,7 +187,7 @@ def _split_rows(train_ds, workers: int, batch_size: int) -> tuple[dict, int, lis
     """
     from raylt.trainset import cuts
 
-    n = train_ds.count()
+    n = train_ds.count() if n is None else n  # known from the embedding set: counting runs the read once more
     at = cuts(n, workers)
     parts = train_ds.split_at_indices(at[1:-1]) if workers > 1 else [train_ds]
     if n // workers == 0:
@@ -221,7 +206,7 @@ def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, trackin
     }
     if "steps" not in config:
         datasets, config["steps"], config["rows"] = _split_rows(train_ds, cfg.train.num_workers,
-                                                                cfg.train.batch_size)
+                                                                cfg.train.batch_size, info.get("train_rows"))
     else:  # the caller split the rows (rounds of selection)
         datasets = train_ds
     if val_ds is not None:
@@ -241,6 +226,25 @@ def _with_threads(loop):
         loop(config)
 
     return run
+
+
+def _fit_interruptible(trainer):
+    """`trainer.fit()`, with Ctrl-C as everywhere else: a KeyboardInterrupt.
+
+    Ray Train's SIGINT handler aborts the run gracefully (workers stopped, checkpoints kept),
+    then leaves through `sys.exit(0)`, so the caller would see a clean exit, and it stays
+    installed after the fit. The exit becomes a KeyboardInterrupt and the previous handler
+    comes back.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_trainer(loop, config: dict, datasets: dict, cfg, storage: Path, name: str, key: str) -> dict:
@@ -270,11 +274,12 @@ def run_trainer(loop, config: dict, datasets: dict, cfg, storage: Path, name: st
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    result = _fit_interruptible(trainer)
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     if state["key"] != key:

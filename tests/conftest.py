@@ -62,3 +62,17 @@ def image_tree(tmp_path) -> Path:
 
 def demo_overrides(tmp_path: Path, *extra: str) -> list[str]:
     return [f"store.root={tmp_path / 'store'}", *extra]
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_session, tmp_path_factory):
+    """The offline demo, run once: (config, (recipe, baseline) results, its folder). Shared by
+    the pipeline tests and, as the untroubled reference, by the fault tests."""
+    from raylt.config import load_config
+    from raylt.pipeline import run
+
+    tmp = tmp_path_factory.mktemp("demo")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/demo.yaml", [
+        f"store.root={tmp / 'store'}", f"train.output_dir={tmp / 'out'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+    ])
+    return cfg, run(cfg, baseline=True), tmp

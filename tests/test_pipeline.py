@@ -17,17 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def demo_run(ray_session, tmp_path_factory):
-    from raylt.pipeline import run
-
-    tmp = tmp_path_factory.mktemp("demo")
-    cfg = load_config(REPO / "configs/demo.yaml", [
-        f"store.root={tmp / 'store'}", f"train.output_dir={tmp / 'out'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-    ])
-    return cfg, run(cfg, baseline=True), tmp
-
-
 def test_default_recipe_beats_the_plain_ce_head_on_few_shot_classes(demo_run):
     cfg, (recipe, baseline), _ = demo_run
     assert recipe.metrics["few"] > baseline.metrics["few"] + 0.1, (recipe.metrics, baseline.metrics)

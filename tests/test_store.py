@@ -81,4 +81,58 @@ def test_half_written_files_of_an_interrupted_run_are_cleared(tmp_path):
     store = EmbeddingStore.open(tmp_path, INPUTS, num_rows=8)
     (store.path / ".part-00000.parquet.tmp-123").write_bytes(b"PAR1 half")
     store = EmbeddingStore.open(tmp_path, INPUTS, num_rows=8)
-    assert not list(store.path.glob(".*")) and store.pending_shards() == [0, 1]
+    with store.writing():
+        assert not list(store.path.glob(".*.tmp-*")) and store.pending_shards() == [0, 1]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "delete", "marker"])
+def test_damaged_shards_are_found_by_checksum_and_never_read(tmp_path, damage):
+    from raylt.embeddings import open_embeddings
+
+    store = EmbeddingStore.open(tmp_path, INPUTS, num_rows=8)
+    store.add(**batch(range(8)))
+    man = store.finalize(3, {})
+    assert set(man["checksums"]) == {"part-00000.parquet", "part-00001.parquet"} and store.verify() == {}
+    shard = store.path / "part-00001.parquet"
+    data = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "alter":  # same size, one byte changed inside the data pages
+        shard.write_bytes(data[:40] + bytes([data[40] ^ 0xFF]) + data[41:])
+    elif damage == "delete":
+        shard.unlink()
+    else:  # a marker cut short by a crash: the manifest's checksum still vouches for the shard
+        (store.path / "part-00001.json").write_text('{"rows": 4, "emb')
+    if damage == "marker":
+        assert store.verify() == {} and read_store(store.path).num_rows == 8
+        return
+    why = {"truncate": "checksum mismatch", "alter": "checksum mismatch", "delete": "missing"}[damage]
+    assert store.verify() == {1: why}
+    for read in (read_store, open_embeddings):
+        with pytest.raises(DataError, match="is damaged: part-00001.parquet .*rebuild"):
+            read(store.path)
+    store.drop([1])
+    assert not store.is_complete() and store.pending_shards() == [1]
+    store.add(**batch(range(4, 8)))
+    store.finalize(3, {})
+    assert store.verify() == {} and read_store(store.path)["id"].to_pylist() == [f"img{i}" for i in range(8)]
+
+
+def test_a_second_writer_waits_for_the_first(tmp_path):
+    import threading
+
+    store = EmbeddingStore.open(tmp_path, INPUTS, num_rows=4)
+    order = []
+
+    def second():
+        with EmbeddingStore.open(tmp_path, INPUTS, num_rows=4).writing():
+            order.append("second")
+
+    with store.writing():
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()  # blocked while the first holds the lock
+        order.append("first")
+    t.join(5)
+    assert order == ["first", "second"]
