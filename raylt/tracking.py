@@ -109,8 +109,12 @@ def check_reachable(cfg: RayltConfig) -> None:
                 f"MLflow tracking server {redact(uri)} is unreachable ({type(e).__name__}); start it, fix tracking.uri "
                 "(or MLFLOW_TRACKING_URI), or set tracking.enabled=false"
             ) from None
-    elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
-        raise ConfigError(f"the folder of MLflow database {uri} does not exist; create it or fix tracking.uri")
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        try:  # SQLite creates the file, not its folder
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {folder} for MLflow database {uri} ({e.strerror}); fix tracking.uri") from None
 
 
 def _lost(what: str, e: Exception, out: Path | None = None) -> None:

@@ -127,11 +127,15 @@ def test_places_lt_job_on_a_ray_cluster_with_token_auth(ray_head, tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0, refused.stdout
 
-    job = subprocess.run(
-        [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
-         "python", "jobs/places_lt.py", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    for _ in range(30):  # the jobs API answers before the head's job agent has registered
+        job = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
+             "python", "jobs/places_lt.py", *overrides],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        if "No available agent to submit job" not in job.stderr:
+            break
+        time.sleep(2)
     assert job.returncode == 0, (job.stdout + job.stderr)[-6000:]
     assert "succeeded" in job.stdout + job.stderr
 
