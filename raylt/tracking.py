@@ -117,10 +117,15 @@ def check_reachable(cfg: RayltConfig) -> None:
             raise ConfigError(f"cannot create {folder} for MLflow database {uri} ({e.strerror}); fix tracking.uri") from None
 
 
+def _reason(e: Exception) -> str:
+    """`Type: first line of the message`, secrets masked: for one-line messages."""
+    lines = redact(str(e)).splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def _lost(what: str, e: Exception, out: Path | None = None) -> None:
     later = f"; the results are in {out}: `raylt log {out}` logs them once it is back" if out else ""
-    log.warning("MLflow failed while %s (%s: %s)%s", what, type(e).__name__, redact(str(e)).splitlines()[0][:200]
-                if str(e) else "", later)
+    log.warning("MLflow failed while %s (%s)%s", what, _reason(e), later)
 
 
 @contextlib.contextmanager
@@ -153,8 +158,7 @@ def start_run(cfg: RayltConfig, run_name: str, parent_run_id: str | None = None,
     except Exception as e:
         with contextlib.suppress(Exception):
             mlflow.end_run("FAILED")
-        raise RayltError(f"cannot start an MLflow run at {redact(uri)} ({type(e).__name__}: "
-                         f"{redact(str(e)).splitlines()[0][:200] if str(e) else ''}); fix tracking.uri or set "
+        raise RayltError(f"cannot start an MLflow run at {redact(uri)} ({_reason(e)}); fix tracking.uri or set "
                          "tracking.enabled=false") from None
     status = "FAILED"
     try:
@@ -271,7 +275,8 @@ def log_fit(metrics: dict, out: Path) -> str | None:
     except Exception as e:
         _lost("logging the results", e, out)
         return None
-    (out / RUN_FILE).write_text(json.dumps({**rec, "logged": True, "model_uri": uri}, indent=1) + "\n")
+    done = {**rec, "run_id": mlflow.active_run().info.run_id, "logged": True, "model_uri": uri}
+    (out / RUN_FILE).write_text(json.dumps(done, indent=1) + "\n")
     return uri
 
 
@@ -298,6 +303,4 @@ def log_saved(out: Path, uri: str | None = None) -> tuple[str, str]:
         model_uri = log_fit(json.loads((out / "metrics.json").read_text()), out)
     if model_uri is None:
         raise RayltError(f"MLflow at {redact(tracking_uri(cfg))} failed while logging {out}; try again")
-    rec = json.loads((out / RUN_FILE).read_text())
-    (out / RUN_FILE).write_text(json.dumps({**rec, "run_id": run.info.run_id}, indent=1) + "\n")
     return run.info.run_id, model_uri
