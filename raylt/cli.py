@@ -1,4 +1,4 @@
-"""The `raylt` command: `run`, `fit`, `ablate`, `embed`, `log`, `config`, `list`.
+"""The `raylt` command: `run`, `fit`, `ablate`, `tune`, `embed`, `predict`, `report`, `log`, `config`, `list`.
 
 Errors caused by input (config, data, weights) print as one line, `raylt: error: ...`, and
 exit with status 2; anything else is a bug and keeps its traceback.
@@ -26,6 +26,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def cmd_config(args) -> int:
     from raylt.config import dump_yaml, load_config
 
+    if args.reference:
+        from raylt.config_reference import reference
+
+        print(reference(), end="")
+        return 0
     print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
@@ -98,23 +103,71 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def cmd_ablate(args) -> int:
-    from raylt.ablation import ablate, markdown
-    from raylt.config import expand_path, load_config, to_dict
+def _embeddings_of(args, cfg):
+    """(EmbeddingSet, backbone dict or None): `--embeddings`, else the config's data set
+    embedded (or its store reused)."""
+    from raylt.config import to_dict
     from raylt.embeddings import open_embeddings
 
-    cfg = load_config(args.config, args.overrides)
     if args.embeddings:
-        es, backbone = open_embeddings(args.embeddings, args.class_names), None
-    else:
-        from raylt.embed import run_embed
+        return open_embeddings(args.embeddings, args.class_names), None
+    from raylt.embed import run_embed
 
-        es, backbone = open_embeddings(run_embed(cfg).store), to_dict(cfg.backbone)
-    out = Path(args.out).expanduser().resolve() if args.out else expand_path(cfg.train.output_dir) / cfg.name / "ablation"
+    return open_embeddings(run_embed(cfg).store), to_dict(cfg.backbone)
+
+
+def _out_dir(args, cfg, sub: str) -> Path:
+    from raylt.config import expand_path
+
+    return Path(args.out).expanduser().resolve() if args.out else expand_path(cfg.train.output_dir) / cfg.name / sub
+
+
+def cmd_ablate(args) -> int:
+    from raylt.ablation import ablate, markdown
+    from raylt.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    es, backbone = _embeddings_of(args, cfg)
+    out = _out_dir(args, cfg, "ablation")
     names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else None
     rows = ablate(cfg, es, out, names, args.parallel, backbone)
     print(markdown(rows))
     print(f"report: {out / 'ablation.md'}, {out / 'ablation.png'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from raylt import tracking
+    from raylt.config import load_config
+    from raylt.tune import check_space, fmt, markdown, read_space, sweep
+
+    cfg = load_config(args.config, args.overrides)
+    space, source = read_space(Path(args.space) if args.space else None)
+    check_space(cfg, space, source)  # before any embedding
+    tracking.check_reachable(cfg)
+    es, _ = _embeddings_of(args, cfg)
+    out = _out_dir(args, cfg, "tune")
+    report = sweep(cfg, es, out, space, source, args.num_samples, args.concurrent)
+    best = report["best"]
+    print(markdown(report["rows"], best))
+    print(f"best: val top-1 {best['val_top1']:.4f} ({report['val_from']}) with "
+          + ", ".join(f"{k}={fmt(v)}" for k, v in best["params"].items()))
+    print(f"config: {out / 'best.yaml'} (raylt run {out / 'best.yaml'})")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from raylt import report, tracking
+    from raylt.config import RayltConfig
+    from raylt.errors import ConfigError
+
+    if bool(args.runs) == bool(args.experiment):
+        raise ConfigError("name run ids or --experiment NAME (one of the two)")
+    uri = args.tracking_uri or tracking.tracking_uri(RayltConfig())
+    table = report.rows(report.fetch(args.runs, uri, args.experiment, args.last))
+    md, png = report.write(table, Path(args.out).expanduser().resolve())
+    print(report.markdown(table))
+    print(f"report: {md}, {png}")
     return 0
 
 
@@ -123,6 +176,28 @@ def cmd_log(args) -> int:
 
     run_id, model_uri = tracking.log_saved(Path(args.out), args.tracking_uri)
     print(f"mlflow: run {run_id} (model {model_uri})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from raylt import tracking
+    from raylt.config import RayltConfig, load_config
+    from raylt.predict import Request, load_model, predict
+
+    cfg = load_config(args.config, args.overrides)
+    uri = args.tracking_uri or tracking.tracking_uri(RayltConfig())
+    model = load_model(args.model, uri)
+    explicit = {o.split("=", 1)[0].split(".", 1)[1] for o in args.overrides if o.startswith("backbone.")}
+    overrides = {k: getattr(cfg.backbone, k) for k in explicit if hasattr(cfg.backbone, k)}
+    root = Path(args.root) if args.root else None
+    req = Request(model, Path(args.input).expanduser().resolve(), cfg, overrides, root, args.split)
+    res = predict(req, args.kind, Path(args.out).expanduser().resolve(), args.top_k, args.format)
+    print(f"predictions: {res.out} ({res.rows} rows, top-{args.top_k} of {len(model.class_names)} classes, "
+          f"{res.seconds:.1f} s)")
+    if res.failed:
+        print(f"without a prediction: {res.failed} rows; the `error` column says why")
+    if res.labelled:
+        print(f"accuracy on the {res.labelled} labelled rows: top-1 {res.top1:.3f}, top-{args.top_k} {res.topk:.3f}")
     return 0
 
 
@@ -170,6 +245,20 @@ def cmd_list(args) -> int:
     return 0
 
 
+def console(quiet: bool, verbose: bool) -> None:
+    """What the console shows: raylt's own progress and results; Ray's execution reports and
+    progress bars only with -v (each stage logs its own progress); with -q, warnings and results."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        # Ray Data's bars redraw hundreds of lines per stage, and its plan reports repeat per stage.
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data sets its level when imported
+        for name in ("ray.data", "ray.tune", "ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylt", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"raylt {__version__}")
@@ -196,15 +285,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", help="comma-separated subset, e.g. ce,default,ip_dpp (default: all, then best)")
     p.add_argument("--parallel", type=int, default=0, help="fits at once (default: as many as the CPUs hold)")
     p.set_defaults(fn=cmd_ablate)
+    p = sub.add_parser("tune", help="hyperparameter search over the embeddings (Ray Tune, MLflow child runs)")
+    _config_args(p)
+    p.add_argument("--embeddings", help="Parquet file or folder or a store; default: embed the config's data set")
+    p.add_argument("--class-names", help="text file, one class name per line in label order")
+    p.add_argument("--space", help="YAML search space, `key: {choice|grid|uniform|loguniform|randint: [...]}` per line "
+                                   "(default: sampler.target, sampler.kappa, train.lr, head.tau)")
+    p.add_argument("--num-samples", type=int, default=8, help="trials (grid values multiply them; default 8)")
+    p.add_argument("--concurrent", type=int, default=0, help="trials at once (default: the cluster's CPUs)")
+    p.add_argument("--out", help="output folder (default: <train.output_dir>/<name>/tune)")
+    p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("embed", help="embed a data set into the embedding store (Ray Data)")
     _config_args(p)
     p.set_defaults(fn=cmd_embed)
+    p = sub.add_parser("predict", help="top-k predictions of a logged model over images or embeddings (Ray Data)")
+    p.add_argument("model", help="runs:/<run id>/model, models:/<name>/<version>, or a fit's output folder")
+    p.add_argument("input", help="embeddings (Parquet file or folder, or a store), an image folder, or a list file "
+                                 "of image paths (`path [label]` per line)")
+    p.add_argument("--out", required=True, help="output file: .parquet or .csv")
+    p.add_argument("--top-k", type=int, default=5, help="classes per row (default 5)")
+    p.add_argument("--format", choices=("parquet", "csv"), help="default: from the --out suffix")
+    p.add_argument("--kind", choices=("embeddings", "images", "list"), help="input kind (default: detected)")
+    p.add_argument("--root", help="list file: the folder its paths are relative to (default: the file's folder)")
+    p.add_argument("--split", help="embeddings: only this split (e.g. test)")
+    p.add_argument("--tracking-uri", help="where the model is logged (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--config", help="YAML config for embed.*, ray.* and backbone.* settings")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. embed.batch_size=64 backbone.cache_dir=/w")
+    p.set_defaults(fn=cmd_predict)
+    p = sub.add_parser("report", help="side-by-side table and plot of MLflow runs")
+    p.add_argument("runs", nargs="*", metavar="RUN_ID", help="MLflow run ids")
+    p.add_argument("--experiment", help="instead of ids: the latest finished runs of this experiment (a config's name)")
+    p.add_argument("--last", type=int, default=10, help="with --experiment: how many runs (default 10)")
+    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else ./mlflow.db")
+    p.add_argument("--out", default="report", help="folder for report.md and report.png (default ./report)")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("log", help="log a finished fit's output folder to MLflow (after the server was lost)")
     p.add_argument("out", help="the fit's output folder (metrics.json, run.json, head.npz)")
     p.add_argument("--tracking-uri", help="log to this server instead of the one the fit used")
     p.set_defaults(fn=cmd_log)
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _config_args(p)
+    p.add_argument("--reference", action="store_true", help="print every key, its type, default and meaning "
+                                                            "(docs/CONFIG.md) instead")
     p.set_defaults(fn=cmd_config)
     p = sub.add_parser("list", help="registered backbones, data sources and shipped configs")
     p.add_argument("--models", action="store_true", help="also list open_clip architectures and pretrained tags")
@@ -213,14 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`raylt tune CONFIG --space s.yaml train.epochs=5`);
+    # argparse stops filling a positional list once options come between.
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     config = getattr(args, "config", None)
     if config and "=" in config and not Path(config).exists():  # no config file, only overrides
         args.config, args.overrides = None, [config, *args.overrides]
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.quiet:
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    console(args.quiet, args.verbose)
     try:
         return args.fn(args)
     except RayltError as e:

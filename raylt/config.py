@@ -33,14 +33,14 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 class DataConfig:
     """Where the images come from (see `raylt list` for the registered sources)."""
 
-    source: str = "demo"
+    source: str = "demo"  # registry: split_file, folder, cifar100, demo (`raylt list`)
     root: str | None = None  # image root: split-file paths and class folders are relative to it
     split_dir: str | None = None  # folder of split files; relative `splits` resolve against it
     splits: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))  # split -> file / folder
     class_names: str | None = None  # text file, one class per line in label order
     imbalance_ratio: float | None = None  # exponential long-tail profile on train (n_max / n_min)
     max_per_class: int | None = None  # head count of the long-tail profile (default: largest class)
-    seed: int = 0
+    seed: int = 0  # the long-tail subsample (and the demo's test split)
     max_bad_fraction: float = 0.01  # fail when more images than this are unreadable
     allow_outside_root: bool = False  # let split-file paths leave `root` (`..`, absolute paths)
     image_size: int = 32  # demo data set: side of the rendered digit images
@@ -76,11 +76,15 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """Where embeddings are kept: one folder per backbone, preprocessing and data set."""
+
     root: str = "~/.cache/raylt/store"  # content-addressed embedding store
 
 
 @dataclass(frozen=True)
 class RayConfig:
+    """Which Ray to use."""
+
     address: str | None = None  # null: RAY_ADDRESS if set, else a local Ray started here
     num_cpus: int | None = None  # local Ray only
     object_store_memory: int | None = None  # bytes, local Ray only
@@ -88,9 +92,12 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    enabled: bool = True
+    """MLflow (raylt.tracking)."""
+
+    enabled: bool = True  # false: nothing is logged; outputs still go to the output folder
     uri: str | None = None  # null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current directory
     experiment: str | None = None  # null: the config's `name`
+    registered_model: str | None = None  # register each fit's model under this name: models:/<name>/<version>
 
 
 def _min(v: float) -> dict:
@@ -176,7 +183,7 @@ class TrainConfig:
     lr: float = field(default=1e-2, metadata=_min(0))  # AdamW, cosine schedule
     weight_decay: float = field(default=1e-4, metadata=_min(0))
     num_workers: int = field(default=1, metadata=_min(1))
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = field(default=0.5, metadata=_min(0))  # below 1 so Ray Data keeps a CPU
     threads_per_worker: int = field(default=0, metadata=_min(0))  # torch threads; 0 = node CPUs / workers on it
     # Ray Train's placement of the workers: PACK fills one node first (fast collectives),
@@ -190,8 +197,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RayltConfig:
-    name: str = "raylt"
-    seed: int = 0
+    name: str = "raylt"  # the experiment: output folder <train.output_dir>/<name>, MLflow experiment
+    seed: int = 0  # head initialisation, shuffling and the synthetic stream
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -226,6 +233,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {item!r} on {CLI} is not a valid YAML value: "
                               f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
         _set(flat, origin, key.strip(), value, CLI)
+    return _build(RayltConfig, _unflatten(flat), origin, prefix="")
+
+
+def override(cfg: RayltConfig, values: Mapping[str, Any], source: str) -> RayltConfig:
+    """`cfg` with dotted keys set to `values` (a search space's trial, say), validated like a
+    file: an unknown key or a wrong type names the key and `source`."""
+    flat = dict(_flatten(to_dict(cfg)))
+    origin = {k: "the defaults" for k in flat}
+    for key, value in values.items():
+        _set(flat, origin, key, value, source)
     return _build(RayltConfig, _unflatten(flat), origin, prefix="")
 
 

@@ -62,10 +62,11 @@ def _files(path: Path) -> tuple[list[Path], dict | None]:
     raise DataError(f"embeddings {path} do not exist; pass a Parquet file, a folder of them, or an embedding store")
 
 
-def _dim(f: Path, schema: pa.Schema) -> int:
-    missing = [c for c in REQUIRED if c not in schema.names]
+def embedding_dim(f: Path, schema: pa.Schema, required: tuple[str, ...] = REQUIRED) -> int:
+    """D of the file's `embedding` column, after checking it has the `required` columns."""
+    missing = [c for c in required if c not in schema.names]
     if missing:
-        raise DataError(f"embeddings file {f} lacks column(s) {missing}; it needs {list(REQUIRED)}")
+        raise DataError(f"embeddings file {f} lacks column(s) {missing}; it needs {list(required)}")
     t = schema.field("embedding").type
     numeric = hasattr(t, "value_type") and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type))
     if not numeric:
@@ -78,7 +79,13 @@ def _dim(f: Path, schema: pa.Schema) -> int:
     raise DataError(f"column 'embedding' of {f} is {t}, not a list of floats")
 
 
-def _schema(f: Path) -> pa.Schema:
+def embedding_files(path) -> tuple[list[Path], dict | None]:
+    """The Parquet files of an embeddings input (a store's after checking its checksums) and
+    the store's manifest, if it is one."""
+    return _files(Path(path).expanduser().resolve())
+
+
+def file_schema(f: Path) -> pa.Schema:
     try:
         return pq.read_schema(f)
     except (pa.ArrowException, OSError) as e:
@@ -109,7 +116,7 @@ def open_embeddings(path, class_names_file: str | None = None) -> EmbeddingSet:
     files, manifest = _files(path)
     dims, labels, splits = set(), [], []
     for f in files:
-        dim = _dim(f, _schema(f))
+        dim = embedding_dim(f, file_schema(f))
         dims.add(dim)
         if manifest is None:
             _check_values(f, dim)

@@ -151,9 +151,6 @@ def _fit_locked(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | 
         plot_per_class(metrics, out / "per_class.png", f"{cfg.name}: {recipe_label(cfg)}")
         uri = tracking.log_fit(metrics, out) if run is not None else None
     return metrics, run.info.run_id if run is not None else None, uri
-    log.info("metrics: overall %.4f, many %s, medium %s, few %s -> %s", metrics["overall"],
-             *(_fmt(metrics[g]) for g in ("many", "medium", "few")), out / "metrics.json")
-    return FitResult(out, metrics, run.info.run_id if run is not None else None, uri)
 
 
 def _head_inputs(cfg: RayltConfig, es: EmbeddingSet, gaussians, adapter: dict | None):
@@ -247,11 +244,12 @@ def _fmt(v) -> str:
 
 
 def baseline_config(cfg: RayltConfig) -> RayltConfig:
-    """The plain CE head on all real embeddings only, everything else equal."""
+    """The plain CE head on all real embeddings only, everything else equal (not registered)."""
     return dataclasses.replace(
         cfg, sampler=dataclasses.replace(cfg.sampler, name="none"), head=dataclasses.replace(cfg.head, loss="ce"),
         selection=dataclasses.replace(cfg.selection, name="none"), adapter=dataclasses.replace(cfg.adapter, name="none"),
         auxiliary=dataclasses.replace(cfg.auxiliary, embeddings=None),
+        tracking=dataclasses.replace(cfg.tracking, registered_model=None),  # a comparison, not a model to serve
     )
 
 

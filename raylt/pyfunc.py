@@ -1,7 +1,8 @@
 """The logged model: an MLflow pyfunc that predicts class probabilities.
 
 Input of `predict`: embeddings, as a 2-D array or a DataFrame with an `embedding` column of
-float lists; or images, as a DataFrame with an `image` column of encoded bytes (PNG, JPEG),
+float lists; or images, as a DataFrame with an `image` column of encoded bytes (PNG, JPEG;
+base64 strings when the model is served over HTTP),
 which the model decodes and embeds with its backbone when that backbone's weights are
 available where it is loaded. Output: a DataFrame of probabilities, one column per class name.
 
@@ -14,6 +15,7 @@ its code: load models only from runs you trust.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 
 try:
     import mlflow.pyfunc
+    import pandas as pd
 
     _Base = mlflow.pyfunc.PythonModel
 except ImportError:  # the module must import without mlflow for `head_logits`
@@ -90,12 +93,14 @@ class HeadModel(_Base):
             if not self.backbone:
                 raise ValueError("this model was trained on embeddings without a known backbone; pass embeddings")
             self._encoder = build_encoder(BackboneConfig(**self.backbone))
-        pixels = np.stack([decode_image(bytes(b), self._encoder.spec) for b in images])
+        # Over HTTP (`mlflow models serve`) the bytes arrive base64-encoded in JSON.
+        raw = [base64.b64decode(b) if isinstance(b, str) else bytes(b) for b in images]
+        pixels = np.stack([decode_image(b, self._encoder.spec) for b in raw])
         return self._encoder.encode(torch.from_numpy(pixels)).numpy()
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    # The DataFrame hint is one MLflow takes without a signature (and without warning that
+    # hints are missing); arrays still arrive as they are.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
             if "image" in model_input.columns:
                 x = self._embed_images(model_input["image"].tolist())
@@ -113,11 +118,33 @@ class HeadModel(_Base):
 def log_model(head_path: Path, meta_path: Path) -> str:
     """Log the pyfunc model (head weights, and class names and backbone in `meta_path`) into
     the active MLflow run; returns its model URI."""
+    import logging
+
     import mlflow
 
     import raylt
 
-    info = mlflow.pyfunc.log_model(
+    # The model takes embeddings (arrays or DataFrames) or encoded images, so it has no single
+    # signature; MLflow would warn on every run that it could not infer one.
+    quiet = _DropMessage("Failed to infer model signature")
+    logging.getLogger("mlflow.pyfunc").addFilter(quiet)
+    try:
+        info = _log(mlflow, raylt, head_path, meta_path)
+    finally:
+        logging.getLogger("mlflow.pyfunc").removeFilter(quiet)
+    return info.model_uri
+
+
+class _DropMessage:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
+def _log(mlflow, raylt, head_path: Path, meta_path: Path):
+    return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),
         artifacts={"head": str(head_path), "meta": str(meta_path)},
@@ -126,4 +153,3 @@ def log_model(head_path: Path, meta_path: Path) -> str:
         pip_requirements=[f"numpy=={np.__version__}", f"pandas=={__import__('pandas').__version__}",
                           f"mlflow=={mlflow.__version__}"],
     )
-    return info.model_uri

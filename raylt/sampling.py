@@ -70,11 +70,22 @@ def worker_labels(syn_counts: np.ndarray, seed: int, epoch: int, rank: int, worl
     return labels[rank::world]
 
 
+def shared_tensor(a: np.ndarray, device) -> torch.Tensor:
+    """A tensor sharing `a`'s memory on CPU. Arrays from Ray's object store are read-only, and
+    torch warns about those; the sampler only reads them, and a copy would double the largest
+    object of a fit (C x rank x D floats)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(np.ascontiguousarray(a), device=device)
+
+
 class GaussianSampler:
     """Draws synthetic embeddings from `Gaussians` with torch, on the worker's device."""
 
     def __init__(self, g: Gaussians, device: str | torch.device = "cpu"):
-        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
+        t = lambda a: shared_tensor(a, device)  # noqa: E731
         self.means, self.pooled_factor = t(g.means), t(g.pooled_factor)
         c, r, d = g.roots.shape
         self.rank = r

@@ -179,10 +179,10 @@ def load_moments(path) -> tuple[ClassMoments, list[str]]:
 def _shard_moments(path: str, split: str, num_classes: int, rank: int, transform=None) -> ClassMoments:
     import pyarrow.parquet as pq
 
-    from raylt.embeddings import _dim, _table_arrays
+    from raylt.embeddings import embedding_dim, _table_arrays
 
     t = pq.read_table(path, columns=["embedding", "label"], filters=[("split", "=", split)])
-    x, y = _table_arrays(t, _dim(path, pq.read_schema(path)))
+    x, y = _table_arrays(t, embedding_dim(path, pq.read_schema(path)))
     return class_moments(transform(x) if transform else x, y, num_classes, rank)
 
 

@@ -63,7 +63,10 @@ def redact(text: str) -> str:
                                          + (f":{parts.port}" if parts.port else "")))
 
     text = re.sub(r"[a-z][a-z0-9+.-]*://[^\s'\"]+", no_password, text)
-    for name, value in os.environ.items():
+    # Keys first, values one by one: MLflow's telemetry thread removes a variable of its own
+    # while the run starts, and iterating os.environ.items() then raises a KeyError.
+    for name in list(os.environ):
+        value = os.environ.get(name) or ""
         if _SECRET_NAME.search(name) and len(value) >= 6 and value in text:
             text = text.replace(value, "***")
     return text
@@ -156,6 +159,7 @@ def start_run(cfg: RayltConfig, run_name: str, parent_run_id: str | None = None,
     except RayltError:
         raise
     except Exception as e:
+        log.debug("starting the MLflow run failed", exc_info=True)  # the whole story with -v
         with contextlib.suppress(Exception):
             mlflow.end_run("FAILED")
         raise RayltError(f"cannot start an MLflow run at {redact(uri)} ({_reason(e)}); fix tracking.uri or set "
@@ -249,13 +253,15 @@ def record_run(cfg: RayltConfig, out: Path, run, run_name: str, stats_file: Path
     (out / "model_meta.json").write_text(json.dumps(model_meta))
     rec = {"run_id": run.info.run_id if run is not None else None,
            "tracking_uri": tracking_uri(cfg) if cfg.tracking.enabled else None, "run_name": run_name,
-           "stats_file": str(stats_file) if stats_file else None, "logged": False}
+           "stats_file": str(stats_file) if stats_file else None, "logged": False,
+           "registered_model": cfg.tracking.registered_model}
     (out / RUN_FILE).write_text(json.dumps(rec, indent=1) + "\n")
 
 
 def log_fit(metrics: dict, out: Path) -> str | None:
     """Final metrics, metrics.json, the per-class plot, the class statistics and the model into
-    the active run; the model URI, or None when the server is lost (the message says how to
+    the active run, the model registered when the config names it; the model URI (its
+    `models:/<name>/<version>` when registered), or None when the server is lost (the message says how to
     log them later)."""
     import mlflow
 
@@ -272,6 +278,9 @@ def log_fit(metrics: dict, out: Path) -> str | None:
         if rec["stats_file"] and Path(rec["stats_file"]).is_file():
             mlflow.log_artifact(rec["stats_file"], artifact_path="class_stats")
         uri = log_model(out / "head.npz", out / "model_meta.json")
+        if rec.get("registered_model"):
+            version = mlflow.register_model(uri, rec["registered_model"]).version
+            uri = f"models:/{rec['registered_model']}/{version}"
     except Exception as e:
         _lost("logging the results", e, out)
         return None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from raylt.config import TrainConfig
-from raylt.sampling import GaussianSampler, worker_labels
+from raylt.sampling import GaussianSampler, shared_tensor, worker_labels
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,9 @@ def epoch_generator(seed: int, epoch: int, rank: int, device="cpu") -> torch.Gen
 
 
 def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target: int, seed: int, init=None,
-              device: str = "cpu"):
-    """The whole head fit in this process (no Ray): the same epochs the Ray workers run."""
+              device: str = "cpu", on_epoch: Callable | None = None):
+    """The whole head fit in this process (no Ray): the same epochs the Ray workers run;
+    `on_epoch(epoch, head, stats)` after each (a sweep scores and reports there)."""
     from raylt.heads import build_head, build_loss
     from raylt.sampling import synthetic_counts
 
@@ -108,9 +109,11 @@ def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target:
     loss_fn = build_loss(head_cfg.loss, counts + syn_counts, head_cfg.tau)
     opt, sched = make_optimizer(head, train_cfg)
     sampler = GaussianSampler(gaussians, device) if gaussians is not None else None
-    xd, yd = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
-    for _ in train_epochs(head, loss_fn, opt, sched, xd, yd, sampler, syn_counts, seed, train_cfg, range(train_cfg.epochs)):
-        pass
+    xd, yd = shared_tensor(x, device), shared_tensor(y, device)  # read-only in a Tune trial (object store)
+    for epoch, st in train_epochs(head, loss_fn, opt, sched, xd, yd, sampler, syn_counts, seed, train_cfg,
+                                  range(train_cfg.epochs)):
+        if on_epoch is not None:
+            on_epoch(epoch, head, st)
     return head
 
 

@@ -70,6 +70,7 @@ def train_loop(config: dict) -> None:
     from raylt.train import make_optimizer, train_epochs
 
     cfg, key = config["cfg"], config["key"]
+    _quiet_ray(config.get("ray_log_levels", {}))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -96,6 +97,7 @@ def train_loop(config: dict) -> None:
         return  # finished earlier: the result is its last checkpoint
     x, y, keep = _read_shard(shard, device, config["rows"][rank])
     epochs = range(start, cfg.train.epochs)
+    shown = 0.0
     for epoch, st in train_epochs(head, loss_fn, opt, sched, x, y, sampler, syn_counts, cfg.seed, cfg.train,
                                   epochs, rank, world, config["steps"], keep, cfg.selection.every):
         metrics = {"epoch": epoch, "train_loss": st.loss, "train_real": st.real, "train_synthetic": st.synthetic}
@@ -103,6 +105,33 @@ def train_loop(config: dict) -> None:
             metrics["val_top1"] = _evaluate_val(plain, val, config.get("num_targets", config["num_classes"]))
         _report(plain, opt, sched, epoch, key, metrics, rank)
         target = log_epoch(target, metrics, epoch)
+        if rank == 0:
+            shown = _progress(epoch, cfg.train.epochs, metrics, shown)
+
+
+def _quiet_ray(levels: dict[str, int]) -> None:
+    """Ray's worker loggers at the driver's levels; Ray Train V2 names the one that logs every
+    report by its file path, outside `ray.train`."""
+    import sys
+
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    context = sys.modules.get("ray.train.v2._internal.execution.context")
+    if context is not None and "ray.train" in levels:
+        logging.getLogger(context.__file__).setLevel(levels["ray.train"])
+
+
+def _progress(epoch: int, epochs: int, metrics: dict, shown: float, every: float = 5.0) -> float:
+    """Rank 0's progress line (forwarded to the driver's console by Ray): the first and last
+    epoch, and one at most every `every` seconds between; returns when it last printed."""
+    import time
+
+    now = time.monotonic()
+    if epoch in (0, epochs - 1) or now - shown >= every:
+        val = f", val top-1 {metrics['val_top1']:.4f}" if "val_top1" in metrics else ""
+        print(f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f}{val}", flush=True)
+        return now
+    return shown
 
 
 def _read_shard(shard, device, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -203,6 +232,9 @@ def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, trackin
     config = {
         "gaussians": ray.put(gaussians) if gaussians is not None else None,
         "tracking": tracking, "has_val": val_ds is not None, **info,
+        # The driver's console levels for Ray Train's and Ray Data's own messages (a checkpoint
+        # and a report line per epoch, a plan per read): the workers' loggers do not inherit them.
+        "ray_log_levels": {n: logging.getLogger(n).getEffectiveLevel() for n in ("ray.train", "ray.data")},
     }
     if "steps" not in config:
         datasets, config["steps"], config["rows"] = _split_rows(train_ds, cfg.train.num_workers,

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,43 @@ def ray_session():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def wait_for(what: str, ready, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def http_process(args: list[str], log: Path, url: str, what: str, timeout: float = 120, env: dict | None = None):
+    """A server process on loopback, ready once GET `url` answers, killed with its children on exit."""
+    import requests
+
+    proc = subprocess.Popen(args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> bool:
+        with contextlib.suppress(requests.RequestException):
+            return requests.get(url, timeout=1).ok
+        return False
+
+    try:
+        wait_for(what, up, timeout=timeout, proc=proc)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_image(path: Path, color, size=(40, 30), mode="RGB", fmt=None) -> Path:

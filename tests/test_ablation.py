@@ -70,7 +70,7 @@ def test_ablate_runs_the_recipes_in_parallel_as_mlflow_child_runs(ray_session, c
 
     tmp, _ = corpora
     out = tmp_path / "ablation"
-    recipes = "ce,default,auxiliary"  # selection and the adapter: the single-fit test above
+    recipes = "ce,auxiliary"  # selection and the adapter: the single-fit test above; the default: test_pipeline
     code = main(["ablate", "--embeddings", str(tmp / "target"), "--class-names", str(tmp / "target" / "classnames.txt"),
                  "--out", str(out), "--recipes", recipes + ",best", "--parallel", "2", *_overrides(tmp)])
     assert code == 0

@@ -73,27 +73,18 @@ def test_list_models_names_open_clip_architectures():
 
 
 @pytest.mark.ray
-def test_embed_demo_writes_a_reusable_store(tmp_path):
-    first = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path}", "tracking.enabled=false")
+def test_embed_demo_writes_a_reusable_store_and_logs_an_mlflow_run(tmp_path):
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    first = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{db}",
+                  "embed.batch_size=100")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "embeddings: 877 (D=768), skipped: 0" in first.stdout
     assert "shard 14/14 written" in first.stderr  # progress is shown
     store = Path(first.stdout.splitlines()[0].removeprefix("store: "))
-    assert (store / "manifest.json").is_file() and store.parent == tmp_path
-    again = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path}", "tracking.enabled=false")
-    assert again.returncode == 0 and "reused" in again.stdout
-    assert again.stdout.splitlines()[0] == first.stdout.splitlines()[0]
-
-
-@pytest.mark.ray
-def test_embed_logs_an_mlflow_run_with_config_metrics_and_manifest(tmp_path):
-    import mlflow
-
-    db = tmp_path / "mlflow.db"
-    out = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{db}",
-                "embed.batch_size=100")
-    assert out.returncode == 0, out.stderr[-2000:]
-    run_id = out.stdout.strip().splitlines()[-1].split()[2]
+    assert (store / "manifest.json").is_file() and store.parent == tmp_path / "store"
+    run_id = first.stdout.strip().splitlines()[-1].split()[2]
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     run = client.get_run(run_id)
     assert run.data.params["embed.batch_size"] == "100" and run.data.params["data.source"] == "demo"
@@ -105,4 +96,8 @@ def test_embed_logs_an_mlflow_run_with_config_metrics_and_manifest(tmp_path):
     assert artifacts.is_relative_to(tmp_path / "mlartifacts")  # beside the database, not in the cwd
     manifest = artifacts / "embedding_store" / "manifest.json"
     assert manifest.is_file() and '"embedded": 877' in manifest.read_text()
-    assert run.data.tags["raylt.store"] in out.stdout
+    assert run.data.tags["raylt.store"] in first.stdout
+    # The batch size does not change the vectors: the same store is reused.
+    again = raylt("embed", "configs/demo.yaml", f"store.root={tmp_path / 'store'}", "tracking.enabled=false")
+    assert again.returncode == 0 and "reused" in again.stdout
+    assert again.stdout.splitlines()[0] == first.stdout.splitlines()[0]

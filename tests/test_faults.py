@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import free_port, http_process, wait_for
 from raylt.config import load_config
 from raylt.errors import RayltError
+from raylt.pyfunc import load_head
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -52,16 +53,6 @@ def sigkill_actors(name: str) -> list[int]:
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     return pids
-
-
-def wait_for(what: str, ready, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout
-    while not ready():
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -188,12 +179,6 @@ def test_interrupted_runs_resume_and_end_with_the_same_metrics(reference, tmp_pa
     assert table_by_id(next((tmp_path / "store").glob("*/manifest.json")).parent) == table_by_id(reference["store"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_mlflow_server_stops_the_run_before_any_work(tmp_path, capsys):
     from raylt.cli import main
 
@@ -208,28 +193,12 @@ def test_an_unreachable_mlflow_server_stops_the_run_before_any_work(tmp_path, ca
     assert not (tmp_path / "store").exists() and time.monotonic() - t0 < 30
 
 
-@contextlib.contextmanager
 def mlflow_server(root: Path, port: int):
     """`mlflow server` on loopback over a SQLite database in `root`, stopped on exit."""
-    import requests
-
-    proc = subprocess.Popen(
+    return http_process(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=open(root / f"server-{time.monotonic_ns()}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    def up() -> bool:
-        with contextlib.suppress(requests.RequestException):
-            return requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok
-        return False
-
-    try:
-        wait_for("the MLflow server", up, timeout=90, proc=proc)
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        root / f"server-{time.monotonic_ns()}.log", f"http://127.0.0.1:{port}/health", "the MLflow server", timeout=90)
 
 
 def test_a_lost_mlflow_server_costs_the_log_not_the_run(reference, tmp_path, caplog, monkeypatch):
@@ -264,7 +233,9 @@ def test_a_lost_mlflow_server_costs_the_log_not_the_run(reference, tmp_path, cap
         assert run.data.params["train.epochs"] == str(cfg.train.epochs)
         assert json.loads((out / "run.json").read_text())["logged"] is True
         model = mlflow.pyfunc.load_model(f"runs:/{res.run_id}/model")
-        assert list(model.metadata.get_input_schema() or []) == [] or model is not None
+        dim = load_head(out / "head.npz")["weight"].shape[1]
+        names = json.loads((out / "model_meta.json").read_text())["class_names"]
+        assert list(model.predict(np.ones((2, dim), np.float32)).columns) == names
 
 
 def test_two_runs_at_once_share_the_store_safely_and_never_share_an_output_folder(reference, tmp_path):

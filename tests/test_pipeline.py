@@ -100,7 +100,7 @@ def test_same_config_and_seed_give_the_same_metrics_and_a_rerun_resumes(demo_run
         fit(other, es, recipe.out)
 
 
-def test_fit_command_on_own_embeddings(tmp_path):
+def test_fit_command_on_own_embeddings(ray_session, tmp_path):
     from raylt.simulate import clip_like, write_parquet
 
     counts = np.array([120] * 4 + [30] * 4 + [3] * 8)
@@ -110,7 +110,8 @@ def test_fit_command_on_own_embeddings(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "raylt", "-q", "fit", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "o"),
          "--class-names", str(tmp_path / "emb" / "classnames.txt"), "--baseline", "train.epochs=3",
-         "tracking.enabled=false", "ray.num_cpus=2"],
+         # joins the session's Ray: a second Ray on the same cores would double the start-up
+         "tracking.enabled=false", f"ray.address={ray_session.get_runtime_context().gcs_address}"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]

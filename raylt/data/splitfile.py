@@ -17,6 +17,14 @@ from raylt.data.source import SOURCES, Source, apply_longtail, make_source
 from raylt.errors import ConfigError, DataError
 
 
+def relative_path(rel: str, where: str, allow_outside_root: bool, allow: str) -> str:
+    """`rel` normalised; one that leaves the root (`..`, absolute) is refused unless allowed."""
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    if not allow_outside_root and (norm.startswith("/") or norm == ".." or norm.startswith("../")):
+        raise DataError(f"{where}: path {rel!r} leaves the data root; set {allow} if that is intended")
+    return norm
+
+
 def parse_split_file(path: Path, allow_outside_root: bool = False) -> tuple[list[str], np.ndarray]:
     """Relative paths and integer labels of a split file; errors name the file and line."""
     if not path.is_file():
@@ -37,13 +45,7 @@ def parse_split_file(path: Path, allow_outside_root: bool = False) -> tuple[list
                 raise DataError(f"{path}:{lineno}: label {lab!r} is not an integer") from None
             if label < 0:
                 raise DataError(f"{path}:{lineno}: label {label} is negative")
-            norm = posixpath.normpath(rel.replace("\\", "/"))
-            if not allow_outside_root and (norm.startswith("/") or norm == ".." or norm.startswith("../")):
-                raise DataError(
-                    f"{path}:{lineno}: path {rel!r} leaves the data root; "
-                    "set data.allow_outside_root=true if that is intended"
-                )
-            paths.append(norm)
+            paths.append(relative_path(rel, f"{path}:{lineno}", allow_outside_root, "data.allow_outside_root=true"))
             labels.append(label)
     if not paths:
         raise DataError(f"split file {path} lists no images")
