@@ -27,6 +27,7 @@ bench: install
 	$(BIN)/python bench/embed_throughput.py
 	$(BIN)/python bench/class_stats.py
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/predict.py
 
 lock: install
 	$(BIN)/pip freeze --exclude-editable | grep -v '^raylt' > requirements.lock

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from raylt.backbones import build_encoder
-from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, expand_path
+from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, expand_path, to_dict
 from raylt.data import Source, load_source
 from raylt.errors import DataError
 from raylt.images import decode_batch
@@ -228,7 +228,10 @@ def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pend
     elapsed = time.perf_counter() - t_run
     manifest = store.finalize(
         encoder.dim,
-        {"class_names": list(source.class_names), "source": source.origin, "images_per_s": round(done / elapsed, 2)},
+        # backbone_config: how to build the encoder again, so that a model fitted on this store
+        # (`raylt fit --embeddings STORE`) can embed new images itself.
+        {"class_names": list(source.class_names), "source": source.origin, "images_per_s": round(done / elapsed, 2),
+         "backbone_config": to_dict(cfg.backbone)},
     )
     if manifest["skipped"]:
         log.warning("%d unreadable images skipped, e.g. %s; all are listed in %s/part-*.json",

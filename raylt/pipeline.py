@@ -100,6 +100,7 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
 
     check_names(cfg)
     tracking.check_reachable(cfg)
+    backbone = backbone or store_backbone(es)
     out.mkdir(parents=True, exist_ok=True)
     # One run per output folder: two would share Ray Train's checkpoints and the results.
     with file_lock(out / ".lock", f"output folder {out}", wait=False,
@@ -108,6 +109,15 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None = N
     log.info("metrics: overall %.4f, many %s, medium %s, few %s -> %s", metrics["overall"],
              *(_fmt(metrics[g]) for g in ("many", "medium", "few")), out / "metrics.json")
     return FitResult(out, metrics, run_id, uri)
+
+
+def store_backbone(es: EmbeddingSet) -> dict | None:
+    """The backbone config an embedding store was made with (None for other inputs, and for
+    stores written before the manifest kept it)."""
+    import json
+
+    manifest = es.path / "manifest.json"
+    return json.loads(manifest.read_text()).get("backbone_config") if manifest.is_file() else None
 
 
 def _fit_locked(cfg: RayltConfig, es: EmbeddingSet, out: Path, backbone: dict | None, run_name: str,

@@ -151,3 +151,45 @@ def test_registered_model_served_over_http_answers_embeddings_and_images(demo_ru
         assert r.status_code == 200, r.text[:500]
         zeros = [i for i, lab in enumerate(digit_files[2]) if lab == 0]
         assert [int(np.argmax(list(p.values()))) for p in r.json()["predictions"]] == expected[zeros].tolist()
+
+
+def test_score_batch_ranks_classes_and_keeps_rows_it_cannot_score():
+    from raylt.predict import score_batch, top_k
+
+    rng = np.random.default_rng(0)
+    head = {"kind": "linear", "weight": rng.normal(size=(4, 3)).astype(np.float32), "bias": np.zeros(4, np.float32),
+            "scale": 1.0, "adapter": None}
+    rows = [rng.normal(size=3).astype(np.float32) for _ in range(5)]
+    rows[2] = np.array([np.nan, 0, 0], np.float32)
+    batch = {"embedding": np.array(rows + [None], dtype=object)[:-1], "label": np.array([0, 1, 2, 7, 3]),
+             "id": np.array(list("abcde"), dtype=object)}
+    t = score_batch(batch, head, ("w", "x", "y", "z"), k=2)
+    assert t.column_names == ["id", "label", "class", "class_1", "label_1", "prob_1", "class_2", "label_2", "prob_2",
+                              "error"]
+    logits = np.stack([rows[i] for i in (0, 1, 3, 4)]) @ head["weight"].T
+    best = np.argsort(-logits, axis=1)[:, :2]
+    assert [t["label_1"][i].as_py() for i in (0, 1, 3, 4)] == best[:, 0].tolist()
+    assert [t["label_2"][i].as_py() for i in (0, 1, 3, 4)] == best[:, 1].tolist()
+    assert t["label_1"][2].as_py() is None and "NaN or infinite" in t["error"][2].as_py()
+    assert t["label"][3].as_py() is None and t["class"][3].as_py() is None  # label 7: not one of the classes
+    assert t["class"].to_pylist()[:2] == ["w", "x"] and t["error"].null_count == 4
+    labels, probs = top_k(np.log(np.array([[0.1, 0.6, 0.3]])), 3)
+    assert labels.tolist() == [[1, 2, 0]] and probs == pytest.approx(np.array([[0.6, 0.3, 0.1]]))
+
+
+@pytest.mark.ray
+def test_predict_over_a_plain_embeddings_file_without_ids_or_labels(demo_run, tmp_path):
+    import pyarrow as pa
+
+    cfg, (recipe, _), tmp = demo_run
+    x, _ = read_split(open_embeddings(_store(tmp)), "test")
+    emb = [list(map(float, v)) for v in x[:20]]
+    emb[5] = [float("inf")] * x.shape[1]
+    pq.write_table(pa.table({"embedding": pa.array(emb, pa.list_(pa.float64()))}), tmp_path / "mine.parquet")
+    assert main(["predict", str(recipe.out), str(tmp_path / "mine.parquet"), "--out", str(tmp_path / "p.parquet"),
+                 "--top-k", "2"]) == 0
+    t = pq.read_table(tmp_path / "p.parquet")
+    assert t.column_names == ["row", "class_1", "label_1", "prob_1", "class_2", "label_2", "prob_2", "error"]
+    pred = head_logits(load_head(recipe.out / "head.npz"), x[:20]).argmax(1)
+    assert [v for i, v in enumerate(t["label_1"].to_pylist()) if i != 5] == np.delete(pred, 5).tolist()
+    assert t["label_1"][5].as_py() is None and t["error"][5].as_py().startswith("the embedding holds NaN")
