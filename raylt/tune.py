@@ -187,7 +187,9 @@ def _trial(params: dict, base: RayltConfig, data: Data, parent: str | None) -> N
                     tracking.log_results({k: float(v) for k, v in metrics.items() if k.startswith("test_")}, [])
             ray.tune.report(metrics)
 
-        fit_local(data.x, data.y, data.counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, on_epoch=report)
+        device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+        fit_local(data.x, data.y, data.counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device,
+                  on_epoch=report)
 
 
 def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: str, num_samples: int = 8,
@@ -212,7 +214,9 @@ def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: st
     data = prepare(cfg, es, space)
     with tracking.start_run(cfg, "tune") as run:
         parent = run.info.run_id if run is not None else None
-        trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg, data=data, parent=parent), {"cpu": 1})
+        # One CPU a trial (trials are small and run side by side), or one GPU with train.use_gpu.
+        resources = {"cpu": 1, "gpu": 1 if cfg.train.use_gpu else 0}
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg, data=data, parent=parent), resources)
         tuner = tune.Tuner(
             trainable, param_space=tune_space,
             tune_config=tune.TuneConfig(metric="val_top1", mode="max", num_samples=num_samples,
