@@ -7,6 +7,7 @@ exit with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -181,14 +182,17 @@ def cmd_log(args) -> int:
 
 def cmd_predict(args) -> int:
     from raylt import tracking
-    from raylt.config import RayltConfig, load_config
+    from raylt.config import BackboneConfig, RayltConfig, load_config
     from raylt.predict import Request, load_model, predict
 
     cfg = load_config(args.config, args.overrides)
     uri = args.tracking_uri or tracking.tracking_uri(RayltConfig())
     model = load_model(args.model, uri)
-    explicit = {o.split("=", 1)[0].split(".", 1)[1] for o in args.overrides if o.startswith("backbone.")}
-    overrides = {k: getattr(cfg.backbone, k) for k in explicit if hasattr(cfg.backbone, k)}
+    # backbone.* set in --config or on the command line (where the weights are on this machine)
+    # go over the model's own backbone config.
+    default = BackboneConfig()
+    overrides = {f.name: getattr(cfg.backbone, f.name) for f in dataclasses.fields(BackboneConfig)
+                 if getattr(cfg.backbone, f.name) != getattr(default, f.name)}
     root = Path(args.root) if args.root else None
     req = Request(model, Path(args.input).expanduser().resolve(), cfg, overrides, root, args.split)
     res = predict(req, args.kind, Path(args.out).expanduser().resolve(), args.top_k, args.format)
@@ -334,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as the commands take it: every `key=value` in `overrides`."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # `key=value` overrides may follow options (`raylt tune CONFIG --space s.yaml train.epochs=5`);
@@ -346,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     config = getattr(args, "config", None)
     if config and "=" in config and not Path(config).exists():  # no config file, only overrides
         args.config, args.overrides = None, [config, *args.overrides]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     console(args.quiet, args.verbose)
     try:
         return args.fn(args)

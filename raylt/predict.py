@@ -150,7 +150,7 @@ class Request:
 @dataclass(frozen=True)
 class Prepared:
     dataset: object  # a Ray dataset of rows with `embedding` (and `ok`/`error` from images)
-    rows: int
+    rows: int | None  # None once a filter makes the count unknown
     columns: tuple[str, ...]  # input columns carried into the output
 
 

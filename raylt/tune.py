@@ -148,8 +148,7 @@ def prepare(cfg: RayltConfig, es: EmbeddingSet, space: dict) -> Data:
         xt, yt = read_split(es, _eval_split(es))
     except DataError:  # no test split: trials are scored on val only
         xt = yt = None
-    names = {cfg.sampler.name} | set(space.get("sampler.name", {}).get("choice", [])) | set(
-        space.get("sampler.name", {}).get("grid", []))
+    names = {cfg.sampler.name, *next(iter(space.get("sampler.name", {}).values()), [])}  # those a trial may use
     transforms = {SAMPLERS.get(n).transform for n in names} - {None}
     counts = np.bincount(y, minlength=es.num_classes)
     moments = {t: class_moments(TRANSFORMS[t][0](x), y, es.num_classes, cfg.stats.rank) for t in transforms}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from raylt.cli import build_parser
+from raylt.cli import parse_args
 from raylt.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,17 +80,13 @@ def raylt_argv(cmd: str) -> list[str] | None:
 
 def check(argv: list[str]) -> None:
     """Parse as `raylt` does and resolve the config with its overrides."""
-    args, rest = build_parser().parse_known_args(argv)
-    assert all("=" in r and not r.startswith("-") for r in rest), f"unknown arguments {rest}"
-    overrides = [*getattr(args, "overrides", []), *rest]
+    args = parse_args(argv)
     config = getattr(args, "config", None)
-    if config and "=" in config and not (REPO / config).exists():
-        config, overrides = None, [config, *overrides]
     if config and not config.startswith("configs/"):  # written by an earlier command (tune's best.yaml)
         assert config.endswith(".yaml"), f"config {config} is not a YAML file"
         config = None
     if hasattr(args, "overrides"):
-        load_config(REPO / config if config else None, overrides)
+        load_config(REPO / config if config else None, args.overrides)
 
 
 def test_every_documented_command_is_one_the_code_accepts():
