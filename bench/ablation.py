@@ -1,11 +1,11 @@
 """The ablation on the Places-LT-shaped latent benchmark: every method, one MLflow parent run.
 
-Data: CLIP-like embeddings (raylt.simulate) with the real Places-LT train profile (365 classes,
+Data: CLIP-like embeddings (raylt.testing.simulate) with the real Places-LT train profile (365 classes,
 62,500 images, from ../shared/datasets/places_lt when present), D = 512, 100 balanced test
 images per class, and an auxiliary corpus of 365 look-alike classes (one per target class,
 from the same super-class, `--aux-per-class` images each) for category extrapolation. The
 auxiliary names are synthetic, so neighbours are matched by class-mean embeddings
-(`auxiliary.match=mean`). Everything then runs through `raylt ablate` (raylt.ablation): Ray
+(`auxiliary.match=mean`). Everything then runs through `raylt ablate` (raylt.experiments.ablation): Ray
 tasks, Ray Train fits, MLflow child runs.
 
     python bench/ablation.py                       # full size, results in docs/RESULTS.md
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from head_fit import places_counts  # noqa: E402
 
 from raylt.config import load_config  # noqa: E402
-from raylt.simulate import LatentSpec, with_look_alikes, write_parquet  # noqa: E402
+from raylt.testing.simulate import LatentSpec, with_look_alikes, write_parquet  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,8 +46,8 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from raylt.ablation import ablate, markdown
-    from raylt.embeddings import open_embeddings
+    from raylt.experiments.ablation import ablate, markdown
+    from raylt.embed.inputs import open_embeddings
 
     counts = np.maximum(np.round(places_counts() * args.scale), 1).astype(np.int64)
     data = args.work / "data"

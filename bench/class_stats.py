@@ -3,7 +3,7 @@
 Peer: what a user would otherwise write, for every class `np.mean` and `np.cov` of its rows
 (float64, rows gathered by a boolean mask per class), plus the pooled within-class covariance
 as the count-weighted sum; the class covariances are discarded as they are made (kept, they
-would take C x D x D floats: 19 GB at iNaturalist size). raylt: `raylt.stats.class_moments`,
+would take C x D x D floats: 19 GB at iNaturalist size). raylt: `raylt.latent.stats.class_moments`,
 the pure core each Ray task runs on its shard (counts, means, pooled scatter, rank-r roots,
 traces), and the Ray reduce over Parquet shards (`reduce_moments`), Ray start-up excluded.
 
@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from raylt.latent.stats import class_moments  # noqa: E402
 from raylt.longtail import exponential_profile  # noqa: E402
-from raylt.stats import class_moments  # noqa: E402
 
 SIZES = {"places": (365, 62_500, 512, 4980), "inat": (8142, 437_513, 768, 1000)}
 
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     if args.ray:
         import ray
 
-        from raylt.simulate import write_parquet
-        from raylt.stats import reduce_moments
+        from raylt.testing.simulate import write_parquet
+        from raylt.latent.stats_ray import reduce_moments
 
         with tempfile.TemporaryDirectory() as d:
             files = []

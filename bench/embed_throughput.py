@@ -52,9 +52,9 @@ def plain_loop(paths: list[str], model_name: str, pretrained: str | None, batch:
     import open_clip
     import torch
 
-    from raylt.backbones import _register_model_configs
+    from raylt.embed.backbones import register_model_configs
 
-    _register_model_configs(None)
+    register_model_configs(None)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     model = model.eval().to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
@@ -87,7 +87,7 @@ def model_only(model_name: str, n: int, batch: int) -> float:
 
 
 def _decode_chunk(args) -> int:
-    from raylt.images import DecodeSpec, decode_image
+    from raylt.embed.images import DecodeSpec, decode_image
 
     paths, size = args
     spec = DecodeSpec(size, "shortest", "bicubic")
@@ -110,7 +110,7 @@ def decode_only(paths: list[str], size: int = 224) -> float:
 
 def ray_stage(folder: Path, store: Path, model_name: str, pretrained: str | None, batch: int, extra: list[str]):
     from raylt.config import load_config
-    from raylt.embed import run_embed
+    from raylt.embed.stage import run_embed
 
     overrides = [
         "data.source=folder", f"data.root={folder}", f"store.root={store}", "backbone.name=open_clip",

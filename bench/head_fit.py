@@ -1,6 +1,6 @@
 """Head fitting on a Places-LT-sized embedding set: raylt's recipe against its peers, one run.
 
-Data: CLIP-like long-tailed embeddings (raylt.simulate) with the real Places-LT train profile
+Data: CLIP-like long-tailed embeddings (raylt.testing.simulate) with the real Places-LT train profile
 (365 classes, 62,500 images, read from ../shared/datasets/places_lt when present), D = 512,
 100 test images per class. Peers, on the same embeddings:
 - scikit-learn LogisticRegression (lbfgs, multinomial), plain and class_weight="balanced";
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raylt.config import load_config  # noqa: E402
-from raylt.evaluate import evaluate  # noqa: E402
-from raylt.simulate import LatentSpec, clip_like, places_lt_profile  # noqa: E402
+from raylt.head.evaluate import evaluate  # noqa: E402
+from raylt.testing.simulate import LatentSpec, clip_like, places_lt_profile  # noqa: E402
 
 
 def places_counts(f: Path | None = None) -> np.ndarray:
@@ -55,15 +55,15 @@ def row(name, seconds, r):
 def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu"):
     import torch
 
-    from raylt.sampling import build_gaussians
-    from raylt.stats import class_moments
-    from raylt.train import fit_local, predict_logits
+    from raylt.latent.sampling import build_gaussians
+    from raylt.latent.stats import class_moments
+    from raylt.head.loop import fit_local, predict_logits
 
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     g = None
     if cfg.sampler.name != "none":
-        from raylt.sampling import TRANSFORMS
+        from raylt.latent.sampling import TRANSFORMS
 
         fwd = TRANSFORMS["tukey" if cfg.sampler.name == "free_lunch" else "identity"][0]
         g = build_gaussians(cfg.sampler.name, class_moments(fwd(x), y, len(counts), cfg.stats.rank), cfg.sampler)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         results[name] = raylt_fit(x, y, xt, yt, counts, ov, args.device)
         row(name, *results[name])
 
-    from raylt.stats import class_moments
+    from raylt.latent.stats import class_moments
 
     t0 = time.perf_counter()
     lda = lda_head(class_moments(x, y, len(counts), rank=1))

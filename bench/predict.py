@@ -32,7 +32,7 @@ def write_inputs(tmp: Path, rows: int, dim: int, classes: int) -> tuple[Path, Pa
     import pyarrow.parquet as pq
     import torch
 
-    from raylt.pyfunc import save_head
+    from raylt.head.artifact import save_head
 
     rng = np.random.default_rng(0)
     emb = tmp / "emb"
@@ -58,7 +58,7 @@ def peer(emb: Path, model: Path, tmp: Path, k: int) -> float:
     import mlflow
     import pandas as pd
 
-    from raylt.pyfunc import log_model
+    from raylt.serve.pyfunc import log_model
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
     with mlflow.start_run():
@@ -78,7 +78,8 @@ def ours(emb: Path, model: Path, tmp: Path, k: int) -> tuple[float, float]:
     import ray
 
     from raylt.config import load_config
-    from raylt.predict import Request, load_model, predict
+    from raylt.serve.model import load_model
+    from raylt.serve.predict import Request, predict
 
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

@@ -1,6 +1,6 @@
 """Synthetic sampling against the head step it feeds, one run.
 
-For each size, class statistics of CLIP-like long-tailed embeddings (raylt.simulate) are
+For each size, class statistics of CLIP-like long-tailed embeddings (raylt.testing.simulate) are
 calibrated into the default recipe's Gaussians, and on the same batch of labels the bench
 times (a) `GaussianSampler.sample`, the draw each train worker makes per step, and (b) one step
 of the head that consumes them: forward, logit-adjusted loss, backward and AdamW, on a batch
@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raylt.config import RayltConfig  # noqa: E402
-from raylt.heads import build_head, build_loss  # noqa: E402
-from raylt.sampling import GaussianSampler, build_gaussians, synthetic_counts  # noqa: E402
-from raylt.simulate import LatentSpec, clip_like, inat_like_profile, places_lt_profile  # noqa: E402
-from raylt.stats import class_moments  # noqa: E402
-from raylt.train import make_optimizer  # noqa: E402
+from raylt.head.loop import make_optimizer  # noqa: E402
+from raylt.head.modules import build_head, build_loss  # noqa: E402
+from raylt.latent.sampling import GaussianSampler, build_gaussians, synthetic_counts  # noqa: E402
+from raylt.latent.stats import class_moments  # noqa: E402
+from raylt.testing.simulate import LatentSpec, clip_like, inat_like_profile, places_lt_profile  # noqa: E402
 
 SIZES = {"places": (places_lt_profile, 512), "inat": (inat_like_profile, 768)}
 

@@ -1,6 +1,6 @@
 """An iNaturalist-2018-sized latent run on this machine: time and peak memory of `raylt fit`.
 
-Data: CLIP-like embeddings (raylt.simulate) with a long tail the size of iNaturalist 2018's
+Data: CLIP-like embeddings (raylt.testing.simulate) with a long tail the size of iNaturalist 2018's
 train split (`inat_like_profile`: 8,142 classes, 437,513 images, 1,000 down to 2) and 3
 held-out images per class (iNaturalist's val split has 3), written as Parquet shards. The
 run is the real command, `python -m raylt fit --embeddings ... train.epochs=E`, in its own
@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raylt.simulate import LatentSpec, clip_like, inat_like_profile  # noqa: E402
+from raylt.testing.simulate import LatentSpec, clip_like, inat_like_profile  # noqa: E402
 
 GRID = [(2036, 768), (4071, 768), (8142, 768), (2036, 256), (2036, 512)]
 
@@ -65,7 +65,7 @@ def biggest_processes(n: int = 4) -> list[tuple[str, int]]:
 def write_shards(classes: int, dim: int, folder: Path, rows_per_shard: int = 65_536) -> tuple[int, int]:
     import pyarrow.parquet as pq
 
-    from raylt.store import embedding_table
+    from raylt.embed.store import embedding_table
 
     counts = inat_like_profile(classes)
     x, y, s = clip_like(counts, eval_per_class=3, spec=LatentSpec(dim=dim))

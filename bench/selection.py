@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylt.selection import SELECTORS, greedy_map  # noqa: E402
+from raylt.methods.selection import SELECTORS, greedy_map  # noqa: E402
 
 
 def kernel_greedy(lk: np.ndarray, k: int) -> np.ndarray:

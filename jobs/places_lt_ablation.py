@@ -1,5 +1,5 @@
 """places_lt_ablation: every long-tail method on the Places-LT embeddings, side by side, as MLflow
-child runs of one parent run (raylt.ablation).
+child runs of one parent run (raylt.experiments.ablation).
 
     ray job submit --working-dir . -- python jobs/places_lt_ablation.py \
         data.root=/shared/places365 data.split_dir=/shared/places_lt \

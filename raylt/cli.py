@@ -2,6 +2,9 @@
 
 Errors caused by input (config, data, weights) print as one line, `raylt: error: ...`, and
 exit with status 2; anything else is a bug and keeps its traceback.
+
+Each command imports what it runs inside its function: `raylt config`, `raylt list` and
+`--help` then start without Ray, MLflow or (for `config`) torch.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from pathlib import Path
 from raylt import __version__
 from raylt.errors import RayltError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file (see configs/); defaults only if omitted")
+    p.add_argument("config", nargs="?", help="YAML config file, or a shipped config's name (`raylt list`); "
+                                             "defaults only if omitted")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. embed.batch_size=64")
 
 
@@ -28,7 +30,7 @@ def cmd_config(args) -> int:
     from raylt.config import dump_yaml, load_config
 
     if args.reference:
-        from raylt.config_reference import reference
+        from raylt.config.reference import reference
 
         print(reference(), end="")
         return 0
@@ -38,7 +40,7 @@ def cmd_config(args) -> int:
 
 def cmd_embed(args) -> int:
     from raylt.config import load_config
-    from raylt.embed import run_embed
+    from raylt.embed.stage import run_embed
 
     from raylt import tracking
 
@@ -57,21 +59,14 @@ def cmd_embed(args) -> int:
     return 0
 
 
-def _table(results) -> str:
-    """Overall / many / medium / few of each fit, one row per recipe."""
-    rows = ["| recipe | overall | many | medium | few |", "|---|---|---|---|---|"]
-    for label, r in results:
-        cells = [r.metrics.get(k) for k in ("overall", "many", "medium", "few")]
-        rows.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
-    return "\n".join(rows)
-
-
-def _report(cfg, results) -> None:
+def _summary(cfg, results) -> None:
+    """Overall / many / medium / few of each fit, one row per recipe, then where each went."""
     from raylt import tracking
-    from raylt.pipeline import recipe_label
+    from raylt.experiments.tables import COLUMNS, accuracy_cells, markdown
+    from raylt.methods.recipes import recipe_label
 
     labels = [recipe_label(cfg), "baseline: CE head, real only"]
-    print(_table(list(zip(labels, results))))
+    print(markdown(["recipe", *COLUMNS], [[label, *accuracy_cells(r.metrics)] for label, r in zip(labels, results)]))
     for r in results:
         print(f"metrics: {r.out / 'metrics.json'}")
         if r.run_id and r.model_uri:
@@ -85,14 +80,15 @@ def cmd_run(args) -> int:
     from raylt.pipeline import run
 
     cfg = load_config(args.config, args.overrides)
-    _report(cfg, run(cfg, baseline=args.baseline))
+    _summary(cfg, run(cfg, baseline=args.baseline))
     return 0
 
 
 def cmd_fit(args) -> int:
     from raylt.config import load_config
-    from raylt.embeddings import open_embeddings
-    from raylt.pipeline import baseline_config, fit
+    from raylt.embed.inputs import open_embeddings
+    from raylt.methods.recipes import baseline_config
+    from raylt.pipeline import fit
 
     cfg = load_config(args.config, args.overrides)
     es = open_embeddings(args.embeddings, args.class_names)
@@ -100,21 +96,16 @@ def cmd_fit(args) -> int:
     results = [fit(cfg, es, out)]
     if args.baseline:
         results.append(fit(baseline_config(cfg), es, out / "baseline", run_name="baseline"))
-    _report(cfg, results)
+    _summary(cfg, results)
     return 0
 
 
 def _embeddings_of(args, cfg):
-    """(EmbeddingSet, backbone dict or None): `--embeddings`, else the config's data set
-    embedded (or its store reused)."""
-    from raylt.config import to_dict
-    from raylt.embeddings import open_embeddings
+    """`--embeddings`, else the config's data set embedded (or its store reused)."""
+    from raylt.embed.inputs import open_embeddings
+    from raylt.pipeline import embedded
 
-    if args.embeddings:
-        return open_embeddings(args.embeddings, args.class_names), None
-    from raylt.embed import run_embed
-
-    return open_embeddings(run_embed(cfg).store), to_dict(cfg.backbone)
+    return open_embeddings(args.embeddings, args.class_names) if args.embeddings else embedded(cfg)
 
 
 def _out_dir(args, cfg, sub: str) -> Path:
@@ -124,14 +115,14 @@ def _out_dir(args, cfg, sub: str) -> Path:
 
 
 def cmd_ablate(args) -> int:
-    from raylt.ablation import ablate, markdown
+    from raylt.experiments.ablation import ablate, markdown
     from raylt.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    es, backbone = _embeddings_of(args, cfg)
+    es = _embeddings_of(args, cfg)
     out = _out_dir(args, cfg, "ablation")
     names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else None
-    rows = ablate(cfg, es, out, names, args.parallel, backbone)
+    rows = ablate(cfg, es, out, names, args.parallel)
     print(markdown(rows))
     print(f"report: {out / 'ablation.md'}, {out / 'ablation.png'}")
     return 0
@@ -140,13 +131,13 @@ def cmd_ablate(args) -> int:
 def cmd_tune(args) -> int:
     from raylt import tracking
     from raylt.config import load_config
-    from raylt.tune import check_space, fmt, markdown, read_space, sweep
+    from raylt.experiments.tune import check_space, fmt, markdown, read_space, sweep
 
     cfg = load_config(args.config, args.overrides)
     space, source = read_space(Path(args.space) if args.space else None)
     check_space(cfg, space, source)  # before any embedding
     tracking.check_reachable(cfg)
-    es, _ = _embeddings_of(args, cfg)
+    es = _embeddings_of(args, cfg)
     out = _out_dir(args, cfg, "tune")
     report = sweep(cfg, es, out, space, source, args.num_samples, args.concurrent)
     best = report["best"]
@@ -158,9 +149,10 @@ def cmd_tune(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from raylt import report, tracking
+    from raylt import tracking
     from raylt.config import RayltConfig
     from raylt.errors import ConfigError
+    from raylt.experiments import report
 
     if bool(args.runs) == bool(args.experiment):
         raise ConfigError("name run ids or --experiment NAME (one of the two)")
@@ -183,7 +175,8 @@ def cmd_log(args) -> int:
 def cmd_predict(args) -> int:
     from raylt import tracking
     from raylt.config import BackboneConfig, RayltConfig, load_config
-    from raylt.predict import Request, load_model, predict
+    from raylt.serve.model import load_model
+    from raylt.serve.predict import Request, predict
 
     cfg = load_config(args.config, args.overrides)
     uri = args.tracking_uri or tracking.tracking_uri(RayltConfig())
@@ -205,46 +198,29 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _list_configs() -> list[str]:
-    if not CONFIG_DIR.is_dir():
-        return []
-    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml"))
-
-
 def cmd_list(args) -> int:
-    from raylt.backbones import BACKBONES
-    from raylt.data import SOURCES
+    from raylt.choices import CHOICES
+    from raylt.config import shipped_configs
 
-    from raylt.adapter import ADAPTERS, BATCHES
-    from raylt.auxiliary import MATCHERS
-    from raylt.heads import HEADS, LOSSES
-    from raylt.sampling import SAMPLERS
-    from raylt.selection import SELECTORS
-
-    sections = [("backbones", BACKBONES.describe()), ("data sources", SOURCES.describe()),
-                ("samplers", SAMPLERS.describe()), ("heads", HEADS.describe()), ("losses", LOSSES.describe()),
-                ("selectors (selection.name)", SELECTORS.describe()), ("adapters (adapter.name)", ADAPTERS.describe()),
-                ("adapter batches (adapter.batches)", BATCHES.describe()),
-                ("auxiliary matchers (auxiliary.match)", MATCHERS.describe())]
-    for title, rows in sections:
-        print(f"{title}:")
-        for name, help in rows:
+    for title, key, registry in CHOICES:
+        print(f"{title} ({key}):")
+        for name, help in registry.describe():
             print(f"  {name:<12} {help}")
     if args.models:
         import open_clip
 
-        from raylt.backbones import _register_model_configs
+        from raylt.embed.backbones import register_model_configs
 
-        _register_model_configs(None)
+        register_model_configs(None)
         print("open_clip architectures (backbone.model):")
         print("  " + " ".join(open_clip.list_models()))
         print("open_clip pretrained tags (backbone.model / backbone.pretrained):")
         for model, tag in open_clip.list_pretrained():
             print(f"  {model} / {tag}")
-    configs = _list_configs()
-    if configs:
-        print(f"configs ({CONFIG_DIR}):")
-        for c in configs:
+    root = shipped_configs()
+    if root is not None:
+        print(f"configs ({root}; name one without its folder or .yaml: `raylt run demo`):")
+        for c in sorted(p.relative_to(root) for p in root.rglob("*.yaml")):
             print(f"  {c}")
     return 0
 

@@ -87,6 +87,16 @@ def write_image(path: Path, color, size=(40, 30), mode="RGB", fmt=None) -> Path:
     return path
 
 
+def toy(counts, d=5, seed=0):
+    """(x [N, d], y [N]): Gaussian classes of the given sizes around random centres, one shared
+    anisotropic spread."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(counts)), counts)
+    centres = rng.normal(0, 2, (len(counts), d))
+    x = centres[y] + rng.normal(0, 1, (len(y), d)) @ rng.normal(0, 0.5, (d, d))
+    return x, y
+
+
 COLORS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40)]
 
 

@@ -184,7 +184,7 @@ def test_train_workers_use_the_node_cores_despite_a_fractional_cpu_reservation(r
     import ray
     import torch
 
-    from raylt.ray_utils import worker_threads
+    from raylt.ops.cluster import worker_threads
 
     @ray.remote(num_cpus=0.5)
     def threads():

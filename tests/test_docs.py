@@ -3,7 +3,7 @@ command in a ```bash block of the README and docs/ is one the code accepts.
 
 Commands on the demo run for real elsewhere: `make demo` is `raylt run configs/demo.yaml
 --baseline` (the `demo_run` fixture), `raylt predict` / `tune` / `report` / `mlflow models
-serve` on its model (test_predict.py, test_sweep.py), `raylt embed` (test_cli.py), the
+serve` on its model (serve/test_predict.py, experiments/test_tune.py), `raylt embed` (test_cli.py), the
 cluster job (test_cluster.py). Commands on data that is not here (Places-LT images, CIFAR
 pickles) are parsed, and their configs resolved with the same overrides, so a renamed flag,
 key or file in the docs fails here.
@@ -25,7 +25,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def test_config_reference_is_generated_from_the_code():
-    from raylt.config_reference import reference
+    from raylt.config.reference import reference
 
     text = reference()
     assert (REPO / "docs" / "CONFIG.md").read_text() == text, (

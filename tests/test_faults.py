@@ -24,7 +24,7 @@ import pytest
 from conftest import free_port, http_process, wait_for
 from raylt.config import load_config
 from raylt.errors import RayltError
-from raylt.pyfunc import load_head
+from raylt.head.artifact import load_head
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -61,7 +61,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def table_by_id(store: Path) -> dict:
-    from raylt.store import read_store
+    from raylt.embed.store import read_store
 
     t = read_store(store)
     ids = t["id"].to_pylist()
@@ -71,8 +71,8 @@ def table_by_id(store: Path) -> dict:
 
 
 def test_a_killed_embedding_actor_is_replaced_and_every_image_is_stored_once(reference, tmp_path, monkeypatch):
-    from raylt.embed import run_embed
-    from raylt.store import EmbeddingStore
+    from raylt.embed.stage import run_embed
+    from raylt.embed.store import EmbeddingStore
 
     killed, add = [], EmbeddingStore.add
 
@@ -94,8 +94,8 @@ def test_a_killed_embedding_actor_is_replaced_and_every_image_is_stored_once(ref
 def test_a_damaged_store_is_found_by_checksum_and_rebuilt(reference, tmp_path, caplog):
     import shutil
 
-    from raylt.embed import run_embed
-    from raylt.embeddings import open_embeddings
+    from raylt.embed.stage import run_embed
+    from raylt.embed.inputs import open_embeddings
 
     cfg = load_config(REPO / "configs/demo.yaml", overrides(tmp_path))
     store = tmp_path / "store" / reference["store"].name
@@ -106,7 +106,7 @@ def test_a_damaged_store_is_found_by_checksum_and_rebuilt(reference, tmp_path, c
     (store / "part-00005.parquet").write_bytes(bytes(data))
     with pytest.raises(RayltError, match="is damaged: part-00003.parquet does not match its checksum"):
         open_embeddings(store)
-    with caplog.at_level(logging.WARNING, logger="raylt.embed"):
+    with caplog.at_level(logging.WARNING, logger="raylt.embed.stage"):
         res = run_embed(cfg)
     assert "2 damaged shard(s) are recomputed: part-00003 (checksum mismatch), part-00005 (checksum mismatch)" in caplog.text
     assert not res.reused and res.computed_rows == 128  # those two shards of 64 only
@@ -205,7 +205,7 @@ def test_a_lost_mlflow_server_costs_the_log_not_the_run(reference, tmp_path, cap
     import mlflow
 
     from raylt.cli import main
-    from raylt.embeddings import open_embeddings
+    from raylt.embed.inputs import open_embeddings
     from raylt.pipeline import fit
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -218,7 +218,7 @@ def test_a_lost_mlflow_server_costs_the_log_not_the_run(reference, tmp_path, cap
 
         killer = threading.Thread(target=stop_after_first_checkpoint, daemon=True)
         killer.start()
-        with caplog.at_level(logging.WARNING, logger="raylt.tracking"):
+        with caplog.at_level(logging.WARNING, logger="raylt.tracking.runs"):
             res = fit(cfg, open_embeddings(reference["store"]), out)
         killer.join(5)
     assert res.model_uri is None and res.metrics["per_class"] == reference["metrics"]["per_class"]
@@ -239,8 +239,8 @@ def test_a_lost_mlflow_server_costs_the_log_not_the_run(reference, tmp_path, cap
 
 
 def test_two_runs_at_once_share_the_store_safely_and_never_share_an_output_folder(reference, tmp_path):
-    from raylt.embeddings import open_embeddings
-    from raylt.locks import file_lock
+    from raylt.embed.inputs import open_embeddings
+    from raylt.ops.locks import file_lock
     from raylt.pipeline import fit
 
     procs = {name: driver(tmp_path, tmp_path / f"{name}.log", "tracking.enabled=false",
@@ -260,13 +260,13 @@ def test_two_runs_at_once_share_the_store_safely_and_never_share_an_output_folde
 
 
 def test_a_damaged_class_statistics_cache_is_computed_again(reference, tmp_path, caplog):
-    from raylt.embeddings import open_embeddings
-    from raylt.pipeline import class_stats
+    from raylt.embed.inputs import open_embeddings
+    from raylt.latent.stats_ray import class_stats
 
     es = open_embeddings(reference["store"])
     first, path = class_stats(es, 4, "identity", tmp_path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
-    with caplog.at_level(logging.WARNING, logger="raylt.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="raylt.latent.stats_ray"):
         again, same = class_stats(es, 4, "identity", tmp_path)
     assert same == path and f"class statistics {path} are damaged" in caplog.text
     assert np.array_equal(again.means, first.means) and np.array_equal(again.counts, first.counts)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from raylt.config import load_config
-from raylt.embeddings import open_embeddings, read_split
+from raylt.embed.inputs import open_embeddings, read_split
 from raylt.errors import RayltError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_logged_model_reloads_and_predicts_in_a_fresh_process(demo_run, tmp_path
     assert out.returncode == 0, out.stderr[-2000:]
     cols, total, preds = out.stdout.strip().rsplit(" ", 2)[0], float(out.stdout.split()[-2]), out.stdout.split()[-1]
     assert cols.startswith("['zero', 'one']") and total == pytest.approx(1.0, abs=1e-5)
-    from raylt.pyfunc import head_logits, load_head
+    from raylt.head.artifact import head_logits, load_head
 
     assert preds == ",".join(map(str, head_logits(load_head(recipe.out / "head.npz"), x[:50]).argmax(1)))
 
@@ -71,7 +71,7 @@ def test_logged_model_predicts_from_image_bytes(demo_run):
     import pyarrow.compute as pc
 
     from raylt.data import load_source
-    from raylt.pyfunc import head_logits, load_head
+    from raylt.head.artifact import head_logits, load_head
 
     cfg, (recipe, _), tmp = demo_run
     table = load_source(cfg.data).table
@@ -101,7 +101,7 @@ def test_same_config_and_seed_give_the_same_metrics_and_a_rerun_resumes(demo_run
 
 
 def test_fit_command_on_own_embeddings(ray_session, tmp_path):
-    from raylt.simulate import clip_like, write_parquet
+    from raylt.testing.simulate import clip_like, write_parquet
 
     counts = np.array([120] * 4 + [30] * 4 + [3] * 8)
     x, y, s = clip_like(counts, 20, splits=("val", "test"))

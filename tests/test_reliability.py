@@ -54,7 +54,7 @@ BAD_IMAGES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_IMAGES))
 def test_bad_image_is_a_counted_skip_with_its_reason(tmp_path, case):
-    from raylt.images import DecodeSpec, decode_batch
+    from raylt.embed.images import DecodeSpec, decode_batch
 
     make, reason = BAD_IMAGES[case]
     good = write_image(tmp_path / "good.png", (10, 200, 10))
@@ -70,7 +70,7 @@ def test_bad_image_is_a_counted_skip_with_its_reason(tmp_path, case):
 
 @pytest.mark.parametrize("mode", ["CMYK", "I;16", "P", "P_transparency", "RGBA", "LA"])
 def test_unusual_image_modes_become_the_same_rgb_pixels(tmp_path, mode):
-    from raylt.images import DecodeSpec, decode_image
+    from raylt.embed.images import DecodeSpec, decode_image
 
     rgb = Image.new("RGB", (16, 16), (200, 100, 50))
     path = tmp_path / f"x.{'tif' if mode in ('CMYK', 'I;16') else 'png'}"
@@ -92,7 +92,7 @@ def test_unusual_image_modes_become_the_same_rgb_pixels(tmp_path, mode):
 
 
 def test_encoder_nan_or_inf_is_a_counted_skip():
-    from raylt.embed import usable_rows
+    from raylt.embed.stage import usable_rows
 
     emb = np.ones((4, 3), np.float32)
     emb[1, 0], emb[2, 2] = np.nan, np.inf
@@ -207,7 +207,7 @@ EMB_CASES = {
 
 @pytest.mark.parametrize("case", sorted(EMB_CASES))
 def test_bad_embeddings_are_refused_in_one_line(tmp_path, case):
-    from raylt.embeddings import open_embeddings
+    from raylt.embed.inputs import open_embeddings
 
     path = _emb_case(case, tmp_path)
     with pytest.raises(DataError) as e:
@@ -216,7 +216,7 @@ def test_bad_embeddings_are_refused_in_one_line(tmp_path, case):
 
 
 def test_labels_beyond_the_class_names_file_are_refused(tmp_path):
-    from raylt.embeddings import open_embeddings
+    from raylt.embed.inputs import open_embeddings
 
     x = np.zeros((3, 2), np.float32) + 1
     f = _emb_file(tmp_path / "e.parquet", _fixed(x), [0, 1, 2])
@@ -264,7 +264,7 @@ class _RunsCode:
 
 
 def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
-    from raylt.backbones import build_encoder
+    from raylt.embed.backbones import build_encoder
     from raylt.config import BackboneConfig
 
     marker = tmp_path / "ran"
@@ -276,7 +276,7 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
 
 
 def test_a_checkpoint_that_is_not_one_is_refused(tmp_path):
-    from raylt.backbones import build_encoder
+    from raylt.embed.backbones import build_encoder
     from raylt.config import BackboneConfig
 
     ckpt = tmp_path / "weights.pt"
@@ -308,7 +308,7 @@ def test_secrets_never_reach_mlflow_params(monkeypatch):
 def test_every_row_of_the_reliability_table_is_a_test():
     """Each row of docs/RELIABILITY.md names a test that exists (and a parameter it has)."""
     table = (REPO / "docs" / "RELIABILITY.md").read_text()
-    refs = re.findall(r"`(tests/test_\w+\.py)::(\w+)(?:\[([\w;.-]+)\])?`", table)
+    refs = re.findall(r"`(tests/(?:\w+/)?test_\w+\.py)::(\w+)(?:\[([\w;.-]+)\])?`", table)
     assert len({(f, t, p) for f, t, p in refs}) >= 25, len(refs)
     for file, test, param in refs:
         src = (REPO / file).read_text()

@@ -8,15 +8,13 @@ are pickles: only read ones you trust (they come from the path the user named).
 
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from raylt.config import DataConfig, expand_path
-from raylt.data.source import SOURCES, Source, apply_longtail, make_source
+from raylt.data.source import SOURCES, Source, apply_longtail, make_source, png_bytes
 from raylt.errors import ConfigError, DataError
 
 
@@ -48,12 +46,6 @@ def read_cifar_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     except (KeyError, ValueError) as e:
         raise DataError(f"{path} lacks the CIFAR-100 fields data/fine_labels/filenames ({e})") from None
     return data, labels, names
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 @SOURCES.register("cifar100", "CIFAR-100 python pickles, long-tailed (CIFAR-100-LT)")

@@ -12,8 +12,7 @@ import numpy as np
 from PIL import Image
 
 from raylt.config import DataConfig
-from raylt.data.cifar import png_bytes
-from raylt.data.source import SOURCES, Source, apply_longtail, make_source
+from raylt.data.source import SOURCES, Source, apply_longtail, make_source, png_bytes
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -27,7 +26,7 @@ def render_digit(pixels8x8: np.ndarray, size: int) -> np.ndarray:
 
 @SOURCES.register("demo", "built-in handwritten digits (scikit-learn), long-tailed; no download")
 def load_demo(cfg: DataConfig) -> Source:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn only for the demo (its import takes a second)
 
     digits = load_digits()
     labels = digits.target.astype(np.int64)

@@ -7,12 +7,14 @@ Columns: `id` string (unique), `label` int64, `split` string, and either `path` 
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
 from raylt import longtail
 from raylt.config import DataConfig
@@ -56,6 +58,14 @@ class Source:
     def summary(self) -> str:
         parts = [f"{s}: {self.split(s).num_rows}" for s in self.splits()]
         return f"{self.origin}: {longtail.describe(self.counts())}; " + ", ".join(parts)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """An in-memory image (uint8 [H, W, 3]) as PNG bytes: the `image` column of sources that
+    hold their images in memory (CIFAR, the demo)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def make_source(

@@ -6,47 +6,22 @@ unless `data.allow_outside_root` is set, so a shared split file cannot read arbi
 
 from __future__ import annotations
 
-import posixpath
 from pathlib import Path
 
 import numpy as np
 
 from raylt.config import DataConfig, expand_path
 from raylt.data.classnames import read_class_names
+from raylt.data.lists import parse_list
 from raylt.data.source import SOURCES, Source, apply_longtail, make_source
 from raylt.errors import ConfigError, DataError
-
-
-def relative_path(rel: str, where: str, allow_outside_root: bool, allow: str) -> str:
-    """`rel` normalised; one that leaves the root (`..`, absolute) is refused unless allowed."""
-    norm = posixpath.normpath(rel.replace("\\", "/"))
-    if not allow_outside_root and (norm.startswith("/") or norm == ".." or norm.startswith("../")):
-        raise DataError(f"{where}: path {rel!r} leaves the data root; set {allow} if that is intended")
-    return norm
 
 
 def parse_split_file(path: Path, allow_outside_root: bool = False) -> tuple[list[str], np.ndarray]:
     """Relative paths and integer labels of a split file; errors name the file and line."""
     if not path.is_file():
         raise DataError(f"split file {path} does not exist; check data.split_dir and data.splits")
-    paths, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2:
-                raise DataError(f"{path}:{lineno}: expected '<relative path> <label>', got {line!r}")
-            rel, lab = parts
-            try:
-                label = int(lab)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: label {lab!r} is not an integer") from None
-            if label < 0:
-                raise DataError(f"{path}:{lineno}: label {label} is negative")
-            paths.append(relative_path(rel, f"{path}:{lineno}", allow_outside_root, "data.allow_outside_root=true"))
-            labels.append(label)
+    paths, labels = parse_list(path, True, allow_outside_root, "data.allow_outside_root=true")
     if not paths:
         raise DataError(f"split file {path} lists no images")
     return paths, np.asarray(labels, dtype=np.int64)

@@ -1,0 +1,236 @@
+"""The embedding stage: images -> L2-normalised float32 embeddings in the embedding store.
+
+Ray Data runs it: CPU tasks decode and resize (`images.decode_batch`), an actor pool of
+encoders (one GPU each when the cluster has GPUs, CPUs otherwise) runs the frozen model, and
+the driver streams the results into shards of the store. Embeddings are ~2 KB per image, so
+the driver is never the bottleneck, and only the driver needs write access to the store.
+
+Input: a data source (`raylt.data`). Output: `<store.root>/<fingerprint>/` (see `raylt.embed.store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, expand_path, to_dict
+from raylt.data import Source, load_source
+from raylt.embed.backbones import build_encoder
+from raylt.embed.images import decode_batch
+from raylt.embed.store import EmbeddingStore
+from raylt.errors import DataError
+from raylt.ops.cluster import cluster_cpus, cluster_gpus, init_ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    store: Path
+    manifest: dict
+    reused: bool
+    computed_rows: int
+    seconds: float
+    warmup_s: float = 0.0  # stage start to the first embedded batch: worker and model start-up
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """Throughput after the first batch arrived: what a long run approaches."""
+        span = self.seconds - self.warmup_s
+        return self.computed_rows / span if span > 0 else self.images_per_s
+
+    @property
+    def images_per_s(self) -> float:
+        return self.computed_rows / self.seconds if self.seconds > 0 else 0.0
+
+
+class EncodeActor:
+    """Ray Data actor: builds the frozen encoder once, then embeds decoded uint8 batches."""
+
+    def __init__(self, backbone: BackboneConfig, plan: "ResourcePlan"):
+        if not plan.gpus_per_actor:
+            torch.set_num_threads(plan.threads_per_actor)
+        self.precision = plan.precision
+        self.encoder = build_encoder(backbone).to("cuda" if plan.gpus_per_actor else "cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["ok"]
+        emb = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
+        if ok.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            emb[ok] = self.encoder.encode(pixels, self.precision).cpu().numpy()
+        out = {k: batch[k] for k in ("row", "id", "label", "split", "ok", "error")}
+        out["embedding"] = emb
+        return out
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How the stage uses a cluster: encoder actors, their GPUs and threads, decode tasks."""
+
+    actors: int
+    gpus_per_actor: int
+    threads_per_actor: int
+    decode_tasks: int
+    precision: str
+
+
+def plan_resources(cfg: EmbedConfig, cpus: int, gpus: int) -> ResourcePlan:
+    """Pure: the plan for a cluster with `cpus` CPUs and `gpus` GPUs.
+
+    GPUs are asked for only when the cluster has them (asking on a CPU-only cluster waits
+    forever). On CPU, CPUs - 1 actors leave a CPU for decoding; Ray pins an actor to as many
+    threads as CPUs it reserves, but a CPU encoder is model-bound while decoding needs a small
+    part of a core, so the actors run `cpus / actors` threads each. Ray Data fuses a task stage
+    into the next actor stage unless the task pool's size differs from the actor pool's; fused,
+    decoding would run inside the encoder actors, so the two sizes are kept apart.
+    """
+    actors = cfg.num_actors or (gpus if gpus else max(1, cpus - 1))
+    threads = cfg.threads_per_actor or max(1, cpus // actors)
+    decoders = cfg.decode_tasks or max(1, cpus)
+    decoders += decoders == actors
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if gpus else "fp32")
+    return ResourcePlan(actors, 1 if gpus else 0, threads, decoders, precision)
+
+
+def pending_blocks(source: Source, store: EmbeddingStore, shards: list[int], block_rows: int) -> list[pa.Table]:
+    """The source rows of the pending shards, cut into blocks (one decode task each)."""
+    table = source.table.append_column("row", pa.array(np.arange(source.table.num_rows, dtype=np.int64)))
+    blocks = []
+    for k in shards:
+        lo, hi = store.shard_rows(k)
+        blocks += [table.slice(s, min(block_rows, hi - s)) for s in range(lo, hi, block_rows)]
+    return blocks
+
+
+def _offenders(skipped: list[dict], n: int) -> str:
+    return "; ".join(f"{s['id']} ({s['error']})" for s in skipped[:n])
+
+
+def _too_many_bad(skipped: list[dict], total: int, max_fraction: float) -> str | None:
+    """The error once more images failed than `max_fraction` allows for the whole data set."""
+    allowed = int(max_fraction * total)
+    if len(skipped) <= allowed:
+        return None
+    first = _offenders(skipped, 5)
+    return (
+        f"{len(skipped)} of {total} images already could not be read, above data.max_bad_fraction={max_fraction}: "
+        f"{first}. Fix or remove them (finished shards are kept), or raise data.max_bad_fraction"
+    )
+
+
+def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: ResourcePlan):
+    """Ray Data plan: blocks of source rows -> CPU decode tasks -> encoder actor pool."""
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"spec": encoder.spec},
+        batch_size=cfg.embed.decode_batch_size,
+        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
+        num_cpus=1,
+    )
+    return ds.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={"backbone": cfg.backbone, "plan": plan},
+        batch_size=cfg.embed.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_gpus=plan.gpus_per_actor,
+        num_cpus=cfg.embed.cpus_per_actor,
+    )
+
+
+def usable_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(ok, error) of an encoded batch: an encoder that overflows (fp16 on odd inputs) gives
+    NaN or infinite values, which become a counted skip like an unreadable image, never a row."""
+    ok, errors = batch["ok"], batch["error"]
+    broken = ok & ~np.isfinite(batch["embedding"]).all(axis=1)
+    if broken.any():
+        ok, errors = ok & ~broken, errors.copy()
+        errors[broken] = "the encoder returned NaN or infinite values; try embed.precision=fp32"
+    return ok, errors
+
+
+def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_bad_fraction: float) -> tuple[int, float]:
+    """Write results to the store as they arrive; stop as soon as too many images fail.
+
+    Every shard with an unread image is pending, so this run sees all skips of the store.
+    Returns the rows done and the seconds until the first batch arrived (start-up).
+    """
+    t0, done, skipped, warmup = time.perf_counter(), 0, [], None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ok, errors = usable_rows(batch)
+        if warmup is None:
+            warmup = time.perf_counter() - t0
+        written = store.add(
+            batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], errors
+        )
+        done += len(ok)
+        for k in written:
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            log.info("shard %d/%d written; %d/%d images, %.0f images/s", k + 1, store.num_shards, done, n_rows, rate)
+        # Checked after the shards this batch completed are written, so they are kept.
+        skipped += [{"id": i, "error": e} for i, e in zip(batch["id"][~ok], errors[~ok])]
+        if msg := _too_many_bad(skipped, total, max_bad_fraction):
+            raise DataError(msg)
+    return done, warmup or 0.0
+
+
+def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
+    """Embed every image of the configured data set into the store, reusing finished work."""
+    t0 = time.perf_counter()
+    encoder = build_encoder(cfg.backbone)  # fails here, before any data or Ray work, on missing weights
+    source = source or load_source(cfg.data)
+    log.info("data: %s", source.summary())
+    init_ray(cfg.ray)
+    plan = plan_resources(cfg.embed, cluster_cpus(), cluster_gpus())
+    inputs = {
+        "backbone": encoder.identity,
+        "precision": plan.precision,
+        "data": source.fingerprint(),
+        "shard_size": cfg.embed.shard_size,
+    }
+    store = EmbeddingStore.open(expand_path(cfg.store.root), inputs, source.table.num_rows)
+    with store.writing():
+        damaged = store.verify()
+        if damaged:
+            log.warning("embedding store %s: %d damaged shard(s) are recomputed: %s", store.path, len(damaged),
+                        ", ".join(f"part-{k:05d} ({why})" for k, why in list(damaged.items())[:5]))
+            store.drop(damaged)
+        pending = store.pending_shards()
+        if not pending:
+            log.info("embedding store %s is complete: reused", store.path)
+            return EmbedResult(store.path, store.manifest(), True, 0, time.perf_counter() - t0)
+        return _embed_pending(cfg, source, store, pending, encoder, plan)
+
+
+def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pending: list[int], encoder,
+                   plan: ResourcePlan) -> EmbedResult:
+    n_rows = sum(hi - lo for lo, hi in map(store.shard_rows, pending))
+    log.info(
+        "embedding %d images (%d of %d shards) with %d %s actor(s), %s, into %s",
+        n_rows, len(pending), store.num_shards, plan.actors, "GPU" if plan.gpus_per_actor else "CPU",
+        plan.precision, store.path,
+    )
+    t_run = time.perf_counter()
+    ds = build_dataset(cfg, pending_blocks(source, store, pending, cfg.embed.decode_batch_size), encoder, plan)
+    done, warmup = stream_into_store(ds, store, n_rows, source.table.num_rows, cfg.data.max_bad_fraction)
+    elapsed = time.perf_counter() - t_run
+    manifest = store.finalize(
+        encoder.dim,
+        # backbone_config: how to build the encoder again, so that a model fitted on this store
+        # (`raylt fit --embeddings STORE`) can embed new images itself.
+        {"class_names": list(source.class_names), "source": source.origin, "images_per_s": round(done / elapsed, 2),
+         "backbone_config": to_dict(cfg.backbone)},
+    )
+    if manifest["skipped"]:
+        log.warning("%d unreadable images skipped, e.g. %s; all are listed in %s/part-*.json",
+                    manifest["skipped"], _offenders(store.skipped(), 3), store.path)
+    log.info("embedding store %s complete: %d embeddings, D=%d", store.path, manifest["embedded"], encoder.dim)
+    return EmbedResult(store.path, manifest, False, done, elapsed, warmup)

@@ -1,0 +1,269 @@
+"""Hyperparameter search over cached embeddings (`raylt tune`), with Ray Tune.
+
+Input: a config, an `EmbeddingSet` and a search space: dotted config keys mapped to one
+distribution each (`SPACES`), from a YAML file or `DEFAULT_SPACE`:
+
+    sampler.target: {choice: [50, 100, 200, 400]}
+    train.lr: {loguniform: [0.001, 0.05]}
+
+Each trial is the config with the trial's values, fitted in its own Ray Tune trial (one CPU)
+by the same epochs the Ray Train workers run (`raylt.train.fit_local`), on embeddings held in
+the object store once: a trial costs seconds, where a Ray Train fit each would cost its worker
+group's start-up. Trials are scored on the `val` split, or, without one, on a stratified
+holdout of the train split (`HOLDOUT` of each class with at least `HOLDOUT_MIN` images): never
+on test, which is only reported. Each trial is an MLflow child run of one parent run.
+
+Output, in `out` and on the parent run: `tune.md` and `tune.json` (every trial: its values,
+val top-1, test overall / many / medium / few), and `best.yaml`: the whole config with the
+best trial's values, which `raylt run` and `raylt fit --config` take as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import ray.tune
+import torch
+import yaml
+from ray import tune
+
+from raylt import tracking
+from raylt.choices import check_names
+from raylt.config import RayltConfig, dump_yaml, override
+from raylt.embed.inputs import EmbeddingSet, eval_split, read_split
+from raylt.errors import ConfigError, DataError
+from raylt.experiments import tables
+from raylt.experiments.tables import COLUMNS, cell
+from raylt.head.evaluate import evaluate
+from raylt.head.loop import fit_local, predict_logits
+from raylt.latent.sampling import SAMPLERS, TRANSFORMS
+from raylt.latent.stats import class_moments
+from raylt.ops.cluster import cluster_cpus, init_ray
+from raylt.registry import Registry
+
+log = logging.getLogger(__name__)
+
+HOLDOUT, HOLDOUT_MIN = 0.2, 5
+
+SPACES: Registry[Callable[[list], Any]] = Registry("search-space distribution")
+
+
+SPACES.register("choice", "one of the listed values")(tune.choice)
+SPACES.register("grid", "every listed value (multiplies the trials)")(tune.grid_search)
+SPACES.register("uniform", "[low, high], uniform")(lambda v: tune.uniform(*v))
+SPACES.register("loguniform", "[low, high], uniform in log space")(lambda v: tune.loguniform(*v))
+SPACES.register("randint", "[low, high), integers")(lambda v: tune.randint(*v))
+
+# What moves the default recipe most (bench/head_fit.py): the synthetic budget, the shrinkage,
+# the learning rate and the weight of the log prior.
+DEFAULT_SPACE = {
+    "sampler.target": {"choice": [50, 100, 200, 400]},
+    "sampler.kappa": {"loguniform": [2.0, 100.0]},
+    "train.lr": {"loguniform": [0.002, 0.05]},
+    "head.tau": {"uniform": [0.5, 1.5]},
+}
+
+
+def read_space(path: Path | None) -> tuple[dict, str]:
+    """The search space of a YAML file (or the default) and where it came from."""
+    if path is None:
+        return DEFAULT_SPACE, "the default search space"
+    try:
+        space = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"search space {path} cannot be read ({type(e).__name__}); "
+                          "give a YAML file of `key: {{choice: [...]}}` lines") from None
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"search space {path} must map config keys to distributions, e.g. "
+                          "`train.lr: {loguniform: [0.001, 0.05]}`")
+    return space, str(path)
+
+
+def check_space(cfg: RayltConfig, space: dict, source: str) -> dict:
+    """The Ray Tune param space of `space`; unknown keys, distributions and values fail here,
+    before any trial runs."""
+    tune_space, probe = {}, {}
+    for key, spec in space.items():
+        if not (isinstance(spec, dict) and len(spec) == 1):
+            raise ConfigError(f"search space {source}: {key} must be one distribution, e.g. "
+                              f"`{key}: {{choice: [a, b]}}`, got {spec!r}")
+        (kind, values), = spec.items()
+        make = SPACES.get(kind)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"search space {source}: {key}: {kind} takes a list of values, got {values!r}")
+        tune_space[key] = make(values)
+        probe[key] = values[0]
+    override(cfg, probe, source)  # every key exists and takes such values
+    return tune_space
+
+
+def holdout(y: np.ndarray, num_classes: int, seed: int, fraction: float = HOLDOUT,
+            min_count: int = HOLDOUT_MIN) -> np.ndarray:
+    """Rows held out for validation: `fraction` of each class with at least `min_count` rows
+    (rarer classes keep every row for training), chosen with `seed`."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(len(y), bool)
+    for c in range(num_classes):
+        rows = np.flatnonzero(y == c)
+        if len(rows) >= min_count:
+            out[rng.choice(rows, int(len(rows) * fraction), replace=False)] = True
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """What every trial reads: train, validation and test arrays and the class statistics."""
+
+    x: np.ndarray
+    y: np.ndarray
+    xv: np.ndarray
+    yv: np.ndarray
+    xt: np.ndarray | None
+    yt: np.ndarray | None
+    counts: np.ndarray
+    class_names: tuple[str, ...]
+    moments: dict  # transform -> ClassMoments of the training rows
+    val_from: str  # "val", or "holdout" of the train split
+
+
+def prepare(cfg: RayltConfig, es: EmbeddingSet, space: dict) -> Data:
+    x, y = read_split(es, "train")
+    if es.counts.get("val") is not None and es.counts["val"].sum() > 0:
+        (xv, yv), val_from = read_split(es, "val"), "val"
+    else:
+        held = holdout(y, es.num_classes, cfg.seed)
+        if not held.any():
+            raise ConfigError(f"embeddings under {es.path} have no val split and no class with {HOLDOUT_MIN} train "
+                              "images to hold out; add a val split")
+        xv, yv, x, y, val_from = x[held], y[held], x[~held], y[~held], "holdout"
+        log.info("tune: no val split; %d train embeddings (%.0f%% of each class with >= %d) held out to score trials",
+                 held.sum(), 100 * HOLDOUT, HOLDOUT_MIN)
+    try:
+        xt, yt = read_split(es, eval_split(es))
+    except DataError:  # no test split: trials are scored on val only
+        xt = yt = None
+    names = {cfg.sampler.name, *next(iter(space.get("sampler.name", {}).values()), [])}  # those a trial may use
+    transforms = {SAMPLERS.get(n).transform for n in names} - {None}
+    counts = np.bincount(y, minlength=es.num_classes)
+    moments = {t: class_moments(TRANSFORMS[t][0](x), y, es.num_classes, cfg.stats.rank) for t in transforms}
+    return Data(x, y, xv, yv, xt, yt, counts, es.class_names, moments, val_from)
+
+
+def _trial(params: dict, base: RayltConfig, data: Data, parent: str | None) -> None:
+    """One Ray Tune trial: fit the head with the trial's values, report val top-1 every epoch
+    and, with the last, the test metrics; an MLflow child run of `parent`."""
+    torch.set_num_threads(1)  # one CPU per trial: trials run side by side
+    cfg = override(base, plain(params), "the search space")
+    spec = SAMPLERS.get(cfg.sampler.name)
+    g = spec.build(data.moments[spec.transform], cfg.sampler) if spec.transform else None
+    name = f"trial-{ray.tune.get_context().get_trial_id()}"
+    with tracking.start_run(cfg, name, parent_run_id=parent) as run:
+        target = tracking.worker_target(run)
+
+        def report(epoch: int, head, st) -> None:
+            val = float((predict_logits(head, data.xv).argmax(1) == data.yv).mean())
+            metrics = {"epoch": epoch, "train_loss": st.loss, "val_top1": val}
+            nonlocal target
+            target = tracking.log_epoch(target, metrics, epoch)
+            if epoch == cfg.train.epochs - 1 and data.xt is not None:
+                r = evaluate(predict_logits(head, data.xt).argmax(1), data.yt, data.counts, data.class_names)
+                metrics.update({f"test_{k}": r[k] for k in COLUMNS if r.get(k) is not None})
+                if run is not None:
+                    tracking.log_results({k: float(v) for k, v in metrics.items() if k.startswith("test_")}, [])
+            ray.tune.report(metrics)
+
+        device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+        fit_local(data.x, data.y, data.counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device,
+                  on_epoch=report)
+
+
+def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: str, num_samples: int = 8,
+          concurrent: int = 0) -> dict:
+    """Run the search; returns {"rows": [...], "best": {...}} (also written to `out`)."""
+    # Tune's own console (a settings box, a results path, a status table per interval) even
+    # at verbose=0 with its newer output engine; raylt prints one table at the end.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    tune_space = check_space(cfg, space, source)
+    check_names(cfg)
+    init_ray(cfg.ray)
+    out.mkdir(parents=True, exist_ok=True)
+    # Trials run in other processes: they log to the parent's absolute tracking URI.
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking.tracking_uri(cfg)))
+    t0 = time.perf_counter()
+    data = prepare(cfg, es, space)
+    with tracking.start_run(cfg, "tune") as run:
+        parent = run.info.run_id if run is not None else None
+        # One CPU a trial (trials are small and run side by side), or one GPU with train.use_gpu.
+        resources = {"cpu": 1, "gpu": 1 if cfg.train.use_gpu else 0}
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg, data=data, parent=parent), resources)
+        tuner = tune.Tuner(
+            trainable, param_space=tune_space,
+            tune_config=tune.TuneConfig(metric="val_top1", mode="max", num_samples=num_samples,
+                                        max_concurrent_trials=concurrent or cluster_cpus()),
+            run_config=tune.RunConfig(name="trials", storage_path=str(out), verbose=0, callbacks=[_progress()]))
+        grid = tuner.fit()
+        rows = [_row(r, list(space)) for r in grid if r.metrics]
+        failed = [str(r.error).splitlines()[0] for r in grid if r.error]
+        if failed:
+            log.warning("tune: %d trial(s) failed, e.g. %s", len(failed), failed[0])
+        if not rows:
+            raise ConfigError(f"every trial failed, e.g. {failed[0] if failed else 'no result'}; check the search space")
+        best = max(rows, key=lambda r: r["val_top1"])
+        best_cfg = override(cfg, best["params"], source)
+        report = {"rows": rows, "best": best, "val_from": data.val_from, "seconds": time.perf_counter() - t0}
+        (out / "tune.json").write_text(json.dumps(report, indent=1))
+        (out / "tune.md").write_text(markdown(rows, best) + "\n")
+        (out / "best.yaml").write_text(f"# raylt tune: best of {len(rows)} trials, val top-1 {best['val_top1']:.4f} "
+                                       f"({data.val_from})\n" + dump_yaml(dataclasses.replace(
+                                           best_cfg, tracking=dataclasses.replace(best_cfg.tracking, uri=None))))
+        if run is not None:
+            metrics = {"best_val_top1": best["val_top1"], "trials": float(len(rows)),
+                       "tune_seconds": report["seconds"]}
+            metrics.update({f"best_{k}": v for k, v in best.items() if k.startswith("test_")})
+            tracking.log_results(metrics, [out / "tune.md", out / "tune.json", out / "best.yaml"])
+    return report
+
+
+def _progress():
+    """A Tune callback that logs each finished trial (Tune's own reporter is off)."""
+    class Progress(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1
+            val = (trial.last_result or {}).get("val_top1")
+            log.info("tune: trial %d/%d done (%s), val top-1 %s", min(done, len(trials)), len(trials),
+                     ", ".join(f"{k}={fmt(v)}" for k, v in plain(trial.config).items()),
+                     "-" if val is None else f"{val:.4f}")
+
+    return Progress()
+
+
+def plain(params: dict) -> dict:
+    """Trial values as Python scalars (Ray Tune draws some as numpy ones)."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in params.items()}
+
+
+def _row(result, keys: list[str]) -> dict:
+    m = result.metrics
+    row = {"trial": m.get("trial_id", ""), "params": plain({k: result.config[k] for k in keys}),
+           "val_top1": float(m["val_top1"])}
+    row.update({k: float(v) for k, v in m.items() if k.startswith("test_")})
+    return row
+
+
+def fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def markdown(rows: list[dict], best: dict) -> str:
+    keys = list(rows[0]["params"])
+    cols = ["val_top1", *(f"test_{k}" for k in COLUMNS)]
+    table = [[f"{r['trial']}{' (best)' if r is best else ''}", *(fmt(r["params"][k]) for k in keys),
+              *(cell(r.get(c)) for c in cols)] for r in sorted(rows, key=lambda r: -r["val_top1"])]
+    return tables.markdown(["trial", *keys, *cols], table)

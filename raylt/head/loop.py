@@ -1,0 +1,140 @@
+"""Head training (pure core, torch): one epoch over real batches mixed with synthetic ones.
+
+Input: an iterator of real (embeddings [B, D], labels [B]) batches, this worker's synthetic
+labels for the epoch and a sampler. Each real batch is joined by the next slice of synthetic
+labels, drawn on the spot, so synthetic embeddings are spread evenly over the epoch and
+never materialised; whatever is left after the last real batch forms synthetic-only batches.
+The Ray Train adapter (raylt.head.fit_ray) feeds it Ray Data shards; tests and benchmarks feed
+it arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from raylt.config import TrainConfig
+from raylt.head.modules import build_head, build_loss
+from raylt.latent.sampling import GaussianSampler, shared_tensor, synthetic_counts, worker_labels
+from raylt.ops.optim import adamw_cosine, epoch_generator
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    real: int
+    synthetic: int
+    steps: int
+
+
+def make_optimizer(head: nn.Module, cfg: TrainConfig):
+    """The head's AdamW and per-epoch cosine schedule, from the train config."""
+    return adamw_cosine(head.parameters(), cfg.lr, cfg.weight_decay, cfg.epochs)
+
+
+def _mixed(real: Iterable, syn: torch.Tensor, per_batch: int, batch_size: int) -> Iterator:
+    """(x, y, synthetic labels) per step: real batches first, each with a synthetic slice."""
+    pos = 0
+    for x, y in real:
+        take = syn[pos : pos + per_batch]
+        pos += len(take)
+        yield x, y, take
+    for s in range(pos, len(syn), batch_size):
+        yield None, None, syn[s : s + batch_size]
+
+
+def run_epoch(
+    head: nn.Module,
+    loss_fn: Callable,
+    opt: torch.optim.Optimizer,
+    real: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    sampler: GaussianSampler | None,
+    syn_labels: np.ndarray,
+    expected_batches: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> EpochStats:
+    head.train()
+    device = next(head.parameters()).device
+    syn = torch.as_tensor(syn_labels if sampler is not None else np.zeros(0, np.int64), device=device)
+    per_batch = math.ceil(len(syn) / max(expected_batches, 1))
+    total, n_real, n_syn, steps = 0.0, 0, 0, 0
+    for x, y, lab in _mixed(real, syn, per_batch, batch_size):
+        parts_x, parts_y = ([x], [y]) if x is not None else ([], [])
+        if len(lab):
+            parts_x.append(sampler.sample(lab, generator))
+            parts_y.append(lab)
+        if not parts_x:
+            continue
+        bx, by = torch.cat(parts_x).to(device, torch.float32), torch.cat(parts_y).to(device)
+        loss = loss_fn(head(bx), by)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(by)
+        n_real += 0 if x is None else len(x)
+        n_syn += len(lab)
+        steps += 1
+    return EpochStats(total / max(n_real + n_syn, 1), n_real, n_syn, steps)
+
+
+@torch.no_grad()
+def predict_logits(head: nn.Module, x: np.ndarray, batch: int = 65536) -> np.ndarray:
+    head.eval()
+    device = next(head.parameters()).device
+    out = [head(torch.as_tensor(x[s : s + batch], device=device)).float().cpu().numpy() for s in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target: int, seed: int, init=None,
+              device: str = "cpu", on_epoch: Callable | None = None):
+    """The whole head fit in this process (no Ray): the same epochs the Ray workers run;
+    `on_epoch(epoch, head, stats)` after each (a sweep scores and reports there)."""
+    torch.manual_seed(seed)
+    head = build_head(head_cfg.name, x.shape[1], len(counts), head_cfg.scale, init).to(device)
+    syn_counts = synthetic_counts(counts, target, gaussians.valid) if gaussians is not None else np.zeros_like(counts)
+    loss_fn = build_loss(head_cfg.loss, counts + syn_counts, head_cfg.tau)
+    opt, sched = make_optimizer(head, train_cfg)
+    sampler = GaussianSampler(gaussians, device) if gaussians is not None else None
+    xd, yd = shared_tensor(x, device), shared_tensor(y, device)  # read-only in a Tune trial (object store)
+    for epoch, st in train_epochs(head, loss_fn, opt, sched, xd, yd, sampler, syn_counts, seed, train_cfg,
+                                  range(train_cfg.epochs)):
+        if on_epoch is not None:
+            on_epoch(epoch, head, st)
+    return head
+
+
+def train_epochs(head, loss_fn, opt, sched, x: torch.Tensor, y: torch.Tensor, sampler, syn_counts: np.ndarray,
+                 seed: int, cfg: TrainConfig, epochs: range, rank: int = 0, world: int = 1,
+                 steps: int | list[int] | None = None, keep: torch.Tensor | None = None, every: int = 0):
+    """Yields (epoch, EpochStats) after each epoch: real rows shuffled in memory, this rank's
+    share of the synthetic labels, one generator per (seed, epoch, rank) for both.
+
+    `steps` real batches per epoch (default: rows / batch size): with DDP every rank must
+    take the same number of steps, so the adapter passes one count for all ranks, whose
+    shards may differ by a row. With selection, `keep` is a bit mask per row (bit r: the row
+    is in selection round r), round r = epoch // every covers `every` epochs, and `steps` is a
+    list with one count per round.
+    """
+    for epoch in epochs:
+        r = epoch // every if (keep is not None and every) else 0
+        xs, ys = (x, y) if keep is None else _round_rows(x, y, keep, r)
+        n_steps = steps[r] if isinstance(steps, list) else steps
+        expected = n_steps or math.ceil(len(ys) / cfg.batch_size)
+        gen = epoch_generator(seed, epoch, rank, x.device)
+        order = torch.randperm(len(ys), device=x.device, generator=gen)
+        batches = ((xs[i], ys[i]) for i in order.tensor_split(expected))
+        labels = worker_labels(syn_counts, seed, epoch, rank, world)
+        st = run_epoch(head, loss_fn, opt, batches, sampler, labels, expected, cfg.batch_size, gen)
+        sched.step()
+        yield epoch, st
+
+
+def _round_rows(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, r: int):
+    rows = ((keep >> r) & 1).bool()
+    return x[rows], y[rows]

@@ -1,0 +1,174 @@
+"""Class statistics (pure core): mergeable per-class moments of embeddings, in float64.
+
+Input: embeddings X [N, D] and labels y [N]. Output: `ClassMoments` with per-class counts
+[C], means [C, D], the pooled within-class scatter [D, D] (sum over classes of
+sum_i (x_i - mu_c)(x_i - mu_c)^T), and per class a root R_c [r, D] with R_c^T R_c the best
+rank-r approximation of that class's scatter, r = `rank`, and the trace of each class's
+scatter [C] (what the root misses is trace - |R_c|_F^2, spread along the pooled shape when
+sampling; see `raylt.latent.calibrate`). The Ray reduce over embedding files is
+raylt.latent.stats_ray.
+
+Memory stays bounded for many classes: full per-class D x D matrices for 8,142 classes at
+D = 768 would take 19 GB in float32; roots of rank 16 take 0.8 GB in float64.
+
+Partial moments of disjoint shards merge exactly (counts, means, pooled scatter) with the
+parallel formula of Chan, Golub and LeVeque (1979):
+    n = na + nb,  delta = mu_b - mu_a,  mu = mu_a + delta nb / n,
+    S = S_a + S_b + (na nb / n) delta delta^T.
+Roots merge by stacking [R_a; R_b; sqrt(na nb / n) delta] (whose Gram is S) and keeping its
+top-r right singular directions: exact while a class's scatter has rank <= r, and the best
+rank-r approximation of the stacked Gram otherwise (as in incremental PCA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassMoments:
+    counts: np.ndarray  # [C] int64
+    means: np.ndarray  # [C, D] float64
+    pooled: np.ndarray  # [D, D] float64 within-class scatter, summed over classes
+    roots: np.ndarray  # [C, r, D] float64, R_c^T R_c ~ class scatter
+    traces: np.ndarray  # [C] float64, trace of each class's scatter (exact)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.counts)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.roots.shape[1]
+
+    def pooled_covariance(self) -> np.ndarray:
+        """Within-class covariance shared by all classes: pooled scatter / (N - classes seen)."""
+        dof = int(self.counts.sum()) - int((self.counts > 0).sum())
+        return self.pooled / max(dof, 1)
+
+    def class_covariance(self, c: int) -> np.ndarray:
+        """D x D covariance of class c from its root (exact while its scatter has rank <= r)."""
+        r = self.roots[c]
+        return r.T @ r / max(int(self.counts[c]) - 1, 1)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.counts, self.means, self.pooled, self.roots, self.traces))
+
+    def residuals(self) -> np.ndarray:
+        """[C] scatter each class's root leaves out (0 while its scatter has rank <= r)."""
+        return np.clip(self.traces - np.einsum("crd,crd->c", self.roots, self.roots), 0.0, None)
+
+
+def _truncate(stacked: np.ndarray, rank: int) -> np.ndarray:
+    """[k, D] -> [rank, D] rows whose Gram is the best rank-`rank` approximation of stacked's.
+
+    Through the eigendecomposition of the smaller Gram matrix (k x k or D x D): for the tall
+    blocks of large classes that is several times faster than an SVD of the block itself.
+    """
+    k, d = stacked.shape
+    out = np.zeros((rank, d))
+    if not stacked.any():
+        return out
+    if k <= d:
+        w, u = np.linalg.eigh(stacked @ stacked.T)  # stacked = U S V^T, so U^T stacked = S V^T
+        top = np.argsort(w)[::-1][: min(rank, k)]
+        out[: len(top)] = u[:, top].T @ stacked
+    else:
+        w, v = np.linalg.eigh(stacked.T @ stacked)
+        top = np.argsort(w)[::-1][:rank]
+        out[: len(top)] = np.sqrt(np.clip(w[top], 0, None))[:, None] * v[:, top].T
+    return out
+
+
+def class_sums(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """[C, D] float64 sum of each class's rows: one sort, one reduceat (np.add.at is an order
+    of magnitude slower on large inputs)."""
+    y = np.asarray(y, dtype=np.int64)
+    sums = np.zeros((num_classes, np.shape(x)[1]))
+    if len(y):
+        order = np.argsort(y, kind="stable")
+        present, starts = np.unique(y[order], return_index=True)
+        sums[present] = np.add.reduceat(np.asarray(x, dtype=np.float64)[order], starts, axis=0)
+    return sums
+
+
+def class_moments(x: np.ndarray, y: np.ndarray, num_classes: int, rank: int = 16) -> ClassMoments:
+    """Moments of one shard: rows sorted by class once, then one block per class."""
+    y = np.asarray(y, dtype=np.int64)
+    order = np.argsort(y, kind="stable")
+    xs = np.asarray(x, dtype=np.float64)[order]
+    counts = np.bincount(y, minlength=num_classes).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    present = np.flatnonzero(counts)
+    d = xs.shape[1]
+    means = np.zeros((num_classes, d))
+    if len(present):
+        means[present] = np.add.reduceat(xs, starts[present], axis=0) / counts[present, None]
+    xs -= np.repeat(means, counts, axis=0)  # centred in place, still sorted by class
+    pooled = xs.T @ xs
+    traces = np.zeros(num_classes)
+    if len(present):
+        traces[present] = np.add.reduceat(np.einsum("nd,nd->n", xs, xs), starts[present])
+    roots = np.zeros((num_classes, rank, d))
+    for c in np.flatnonzero(counts > 1):
+        roots[c] = _truncate(xs[starts[c] : starts[c] + counts[c]], rank)
+    return ClassMoments(counts, means, pooled, roots, traces)
+
+
+def merge(a: ClassMoments, b: ClassMoments) -> ClassMoments:
+    """Moments of the union of two disjoint shards (Chan et al. 1979), float64."""
+    if a.means.shape != b.means.shape or a.rank != b.rank:
+        raise ValueError(f"cannot merge moments of shapes {a.roots.shape} and {b.roots.shape}")
+    n = a.counts + b.counts
+    safe = np.maximum(n, 1)
+    delta = b.means - a.means
+    means = a.means + delta * (b.counts / safe)[:, None]
+    w = a.counts * b.counts / safe  # zero where either side lacks the class
+    weighted = delta * np.sqrt(w)[:, None]
+    pooled = a.pooled + b.pooled + weighted.T @ weighted
+    traces = a.traces + b.traces + np.einsum("cd,cd->c", weighted, weighted)
+    roots = a.roots.copy()
+    both = np.flatnonzero(w > 0)
+    only_b = np.flatnonzero((a.counts == 0) & (b.counts > 0))
+    roots[only_b] = b.roots[only_b]
+    for c in both:
+        roots[c] = _truncate(np.vstack([a.roots[c], b.roots[c], weighted[c][None]]), a.rank)
+    return ClassMoments(n, means, pooled, roots, traces)
+
+
+def tree_reduce(items: list, fn):
+    """Pairwise tree of `fn` over items: depth, and so rounding, grows with log(len(items)).
+
+    `fn` may be a local merge or a Ray remote one (on object refs); the shape is the same.
+    The list is replaced in place level by level, so no caller keeps a level's object refs
+    alive and Ray frees each level once the next has consumed it.
+    """
+    if not items:
+        raise ValueError("no moments to merge")
+    while len(items) > 1:
+        items[:] = [fn(items[i], items[i + 1]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
+    return items[0]
+
+
+def merge_all(parts: list[ClassMoments]) -> ClassMoments:
+    return tree_reduce(list(parts), merge)
+
+
+# ----------------------------------------------------------------------------- artifact
+
+
+def save_moments(m: ClassMoments, path, class_names: list[str] | tuple[str, ...]) -> None:
+    np.savez(path, counts=m.counts, means=m.means, pooled=m.pooled, roots=m.roots, traces=m.traces,
+             class_names=np.asarray(class_names, dtype=str))
+
+
+def load_moments(path) -> tuple[ClassMoments, list[str]]:
+    with np.load(path, allow_pickle=False) as z:  # no pickle: the artifact may come from elsewhere
+        m = ClassMoments(z["counts"], z["means"], z["pooled"], z["roots"], z["traces"])
+        return m, [str(n) for n in z["class_names"]]

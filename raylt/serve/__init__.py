@@ -1,0 +1,2 @@
+"""Serving: the logged MLflow model (pyfunc.py), the one model loader (model.py) and batch
+prediction (predict.py)."""

@@ -1,0 +1,128 @@
+"""CLIP-like long-tailed embeddings, generated: a stand-in for real CLIP features in tests and
+benchmarks when no pretrained model or data set is at hand.
+
+What it imitates in CLIP image embeddings (unit norm, D = 512 or 768):
+- a large component shared by all images (CLIP embeddings of unrelated photos have cosine
+  similarity around 0.5), which a head must learn to ignore;
+- super-classes: groups of classes whose means share a direction, so that the nearest
+  classes are the confusable ones (as with "desert/sand" and "desert_road");
+- several modes per class (viewpoints, sub-types), so a class is not one Gaussian;
+- anisotropic within-class spread: a shared low-rank factor (lighting, background) plus
+  class-specific directions plus isotropic noise.
+The train split follows a given count per class (e.g. the real Places-LT profile); val and
+test are balanced. Output columns are the embedding contract: `embedding`, `label`, `split`, `id`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from raylt.embed.store import embedding_table
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    dim: int = 512
+    classes_per_group: int = 8
+    modes: tuple[int, int] = (1, 4)  # modes per class, drawn uniformly from [lo, hi)
+    shared: float = 0.8  # norm of the component common to all images (before normalisation)
+    group: float = 0.45  # spread of super-class directions
+    spread: float = 0.08  # spread of class means within their super-class
+    mode: float = 0.08  # spread of modes around the class mean
+    noise: float = 1.0  # within-mode noise norm (isotropic + low-rank + class-specific)
+    seed: int = 0
+
+
+def _unit(rng, n, d):
+    v = rng.normal(size=(n, d))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def clip_like(train_counts, eval_per_class: int = 100, spec: LatentSpec = LatentSpec(), splits=("test",)):
+    """(embeddings [N, D] float32, labels [N] int64, split names [N]) for the given profile."""
+    rng = np.random.default_rng(spec.seed)
+    counts = np.asarray(train_counts, dtype=np.int64)
+    c, d = len(counts), spec.dim
+    common = _unit(rng, 1, d)[0] * spec.shared
+    groups = _unit(rng, (c + spec.classes_per_group - 1) // spec.classes_per_group, d) * spec.group
+    means = common + groups[np.arange(c) // spec.classes_per_group] + _unit(rng, c, d) * spec.spread
+    basis = np.linalg.qr(rng.normal(size=(d, 24)))[0]  # shared nuisance directions
+    xs, ys, ss = [], [], []
+    for k in range(c):
+        m = rng.integers(*spec.modes)
+        centres = means[k] + _unit(rng, m, d) * spec.mode
+        own = np.linalg.qr(rng.normal(size=(d, 8)))[0]  # class-specific directions
+        for split, n in [("train", counts[k])] + [(s, eval_per_class) for s in splits]:
+            which = rng.integers(0, m, n)
+            z = (rng.normal(size=(n, d)) * (0.5 / np.sqrt(d))
+                 + rng.normal(size=(n, 24)) @ basis.T * (0.6 / np.sqrt(24))
+                 + rng.normal(size=(n, 8)) @ own.T * (0.6 / np.sqrt(8))) * spec.noise
+            x = centres[which] + z
+            xs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+            ys.append(np.full(n, k))
+            ss.append(np.full(n, split))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64), np.concatenate(ss)
+
+
+def with_look_alikes(train_counts, aux_per_class: int, eval_per_class: int = 100, spec: LatentSpec = LatentSpec(),
+                     splits=("test",)):
+    """A target corpus and an auxiliary one whose class j is a look-alike of target class j
+    (drawn from the same super-class): ((x, y, split) target, (x, y, split) auxiliary with
+    `aux_per_class` train rows per class and no eval rows). For category extrapolation."""
+    counts = np.asarray(train_counts, dtype=np.int64)
+    both = np.empty(2 * len(counts), np.int64)
+    both[0::2], both[1::2] = counts, aux_per_class  # interleaved: neighbours share a super-class
+    x, y, s = clip_like(both, eval_per_class, spec, splits)
+    t = (y % 2 == 0)
+    a = ~t & (s == "train")
+    return (x[t], y[t] // 2, s[t]), (x[a], y[a] // 2, s[a])
+
+
+# Ranked class sizes of the real Places-LT train split at a few ranks (rank: images).
+_PLACES_LT_ANCHORS = {0: 4980, 1: 2612, 2: 2400, 5: 1487, 10: 1023, 20: 521, 50: 287, 100: 152, 130: 103,
+                      150: 89, 200: 57, 250: 34, 293: 20, 300: 18, 330: 11, 364: 5}
+
+
+def places_lt_profile() -> np.ndarray:
+    """An approximation of the Places-LT train profile, for when its split file is not at hand:
+    log-linear between the real ranked counts above (365 classes, 4,980 down to 5, about
+    64,000 images, many/medium/few 134/161/70 against the real 131/163/71)."""
+    ranks, sizes = zip(*_PLACES_LT_ANCHORS.items())
+    return np.round(np.exp(np.interp(np.arange(365), ranks, np.log(sizes)))).astype(np.int64)
+
+
+def inat_like_profile(classes: int = 8142, total: int = 437_513, groups=(842, 4076, 3224)) -> np.ndarray:
+    """A long tail the size of iNaturalist 2018's train split (8,142 classes, 437,513 images,
+    1,000 down to 2) with `groups` many (> 100), medium (20-100) and few (< 20) classes.
+    Medium and few classes are log-linear in rank (100 to 20, 19 to 2); the many-shot curve
+    from 1,000 to 101 is bent to make the total. `classes` below 8,142 keeps the shape
+    and scales the group sizes and total with it."""
+    from scipy.optimize import brentq  # scipy (with scikit-learn) only for this profile
+
+    scale = classes / sum(groups)
+    many, medium = round(groups[0] * scale), round(groups[1] * scale)
+    few = classes - many - medium
+
+    def loglin(hi, lo, n, bend=1.0):
+        v = np.linspace(1.0, 0.0, n) ** bend
+        return np.round(lo * (hi / lo) ** v)
+
+    tail = np.concatenate([loglin(100, 20, medium), loglin(19, 2, few)])
+    budget = total * scale - tail.sum()
+    bend = brentq(lambda k: loglin(1000, 101, many, k).sum() - budget, 0.05, 50)
+    return np.concatenate([loglin(1000, 101, many, bend), tail]).astype(np.int64)
+
+
+def write_parquet(x: np.ndarray, y: np.ndarray, split: np.ndarray, path: Path, class_names=None) -> Path:
+    """The embedding contract as one Parquet file (plus classnames.txt beside it if given)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = np.array([f"sim/{i}" for i in range(len(y))])
+    pq.write_table(embedding_table(x, y, split, ids), path)
+    if class_names is not None:
+        (path.parent / "classnames.txt").write_text("\n".join(class_names) + "\n")
+    return path

@@ -1,0 +1,87 @@
+"""`raylt tune`: the holdout, trials as MLflow child runs, best.yaml, bad search spaces."""
+
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raylt.cli import main
+from raylt.config import load_config
+from raylt.experiments.tune import holdout
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _store(tmp: Path) -> Path:
+    return next((tmp / "store").glob("*/manifest.json")).parent
+
+
+def test_holdout_takes_a_fifth_of_each_class_with_enough_rows_and_leaves_rare_ones_whole():
+    y = np.repeat(np.arange(4), [100, 20, 5, 4])
+    held = holdout(y, 4, seed=0)
+    assert np.bincount(y[held], minlength=4).tolist() == [20, 4, 1, 0]
+    assert (holdout(y, 4, seed=0) == held).all() and not (holdout(y, 4, seed=1) == held).all()
+
+
+@pytest.mark.ray
+def test_tune_scores_trials_on_held_out_rows_logs_child_runs_and_writes_a_best_config(demo_run, tmp_path, capsys):
+    import mlflow
+
+    from raylt.embed.inputs import open_embeddings, read_split
+    from raylt.head.evaluate import evaluate
+    from raylt.head.loop import fit_local, predict_logits
+
+    cfg, _, tmp = demo_run
+    db = f"sqlite:///{tmp / 'mlflow.db'}"
+    (tmp_path / "space.yaml").write_text("sampler.target: {grid: [0, 300]}\ntrain.lr: {choice: [0.01]}\n")
+    out = tmp_path / "tune"
+    rc = main(["tune", str(REPO / "configs/demo.yaml"), "--embeddings", str(_store(tmp)), "--space",
+               str(tmp_path / "space.yaml"), "--num-samples", "1", "--out", str(out), "train.epochs=6",
+               f"tracking.uri={db}"])
+    assert rc == 0
+    report = json.loads((out / "tune.json").read_text())
+    rows = {r["params"]["sampler.target"]: r for r in report["rows"]}
+    assert sorted(rows) == [0, 300] and report["val_from"] == "holdout"
+    best = max(report["rows"], key=lambda r: r["val_top1"])
+    assert report["best"] == best
+    # The trial trained what it says: the same fit here gives its test accuracy.
+    es = open_embeddings(_store(tmp))
+    x, y = read_split(es, "train")
+    keep = ~holdout(y, es.num_classes, cfg.seed)
+    xt, yt = read_split(es, "test")
+    plain = load_config(REPO / "configs/demo.yaml", ["train.epochs=6", "train.lr=0.01", "sampler.target=0"])
+    counts = np.bincount(y[keep], minlength=es.num_classes)
+    head = fit_local(x[keep], y[keep], counts, None, plain.head, plain.train, 0, plain.seed)
+    direct = evaluate(predict_logits(head, xt).argmax(1), yt, counts, es.class_names)["overall"]
+    assert rows[0]["test_overall"] == pytest.approx(direct, abs=0.01)
+    # best.yaml is the whole config with the best values, and `raylt run` takes it.
+    best_cfg = load_config(out / "best.yaml")
+    assert best_cfg.sampler.target == best["params"]["sampler.target"] and best_cfg.train.epochs == 6
+    assert best_cfg.name == "demo" and best_cfg.head == cfg.head
+    printed = capsys.readouterr().out
+    assert f"config: {out / 'best.yaml'}" in printed and "(best)" in printed
+    client = mlflow.MlflowClient(db)
+    children = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
+                                  "attributes.run_name LIKE 'trial-%'")
+    parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "tune" and len(children) == 2
+    assert parent.data.metrics["best_val_top1"] == pytest.approx(best["val_top1"])
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    history = client.get_metric_history(children[0].info.run_id, "val_top1")
+    assert [m.step for m in history] == list(range(6))
+
+
+def test_tune_refuses_a_bad_search_space_in_one_line(tmp_path, capsys):
+    cases = [("sampler.targte: {choice: [1, 2]}\n", "unknown config key 'sampler.targte'"),
+             ("sampler.target: {normal: [1, 2]}\n", "unknown search-space distribution 'normal'"),
+             ("sampler.target: {choice: [a, b]}\n", "config key 'sampler.target'"),
+             ("sampler.target: 5\n", "must be one distribution")]
+    for text, message in cases:
+        (tmp_path / "space.yaml").write_text(text)
+        rc = main(["tune", str(REPO / "configs/demo.yaml"), "--space", str(tmp_path / "space.yaml"),
+                   "tracking.enabled=false", f"store.root={tmp_path / 'store'}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and message in err[-1], err
+    assert not (tmp_path / "store").exists()  # refused before any embedding
