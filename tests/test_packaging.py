@@ -52,5 +52,6 @@ def test_the_installed_wheel_lists_and_resolves_its_shipped_configs(installed):
     assert str(venv) in listed and "places_lt.yaml" in listed and "data/demo.yaml" in listed
     resolved = _run([str(venv / "bin" / "raylt"), "config", "demo", "train.epochs=3"], elsewhere, env)
     assert "name: demo" in resolved and "epochs: 3" in resolved and "source: demo" in resolved
-    models = _run([str(venv / "bin" / "raylt"), "list", "--models"], elsewhere, env)
-    assert "raylt-tiny-vit" in models  # the model configs ship too
+    package = Path(where).parent
+    assert (package / "embed" / "model_configs" / "raylt-tiny-vit.json").is_file()  # the model configs ship too
+    assert not (package.parent / "configs").exists()  # the configs live inside the package, not beside it

@@ -1,7 +1,8 @@
-"""CLIP-like long-tailed embeddings, generated: a stand-in for real CLIP features in tests and
-benchmarks when no pretrained model or data set is at hand.
+"""Long-tailed embeddings, generated: a stand-in for real CLIP features in tests and benchmarks
+when no pretrained model or data set is at hand. Two structurally different generators
+(`GENERATORS`), so that a recipe is never tuned to one simulator:
 
-What it imitates in CLIP image embeddings (unit norm, D = 512 or 768):
+`clip_like` imitates CLIP image embeddings (unit norm, D = 512 or 768):
 - a large component shared by all images (CLIP embeddings of unrelated photos have cosine
   similarity around 0.5), which a head must learn to ignore;
 - super-classes: groups of classes whose means share a direction, so that the nearest
@@ -9,19 +10,33 @@ What it imitates in CLIP image embeddings (unit norm, D = 512 or 768):
 - several modes per class (viewpoints, sub-types), so a class is not one Gaussian;
 - anisotropic within-class spread: a shared low-rank factor (lighting, background) plus
   class-specific directions plus isotropic noise.
+
+`heavy_tailed` keeps the unit norm and the shared component but changes the structure:
+super-classes of uneven size, 3 to 9 sub-modes per class with uneven weights, and
+Student-t spread (3 degrees of freedom), so that a class has outliers far from its modes and
+no Gaussian describes it.
+
 The train split follows a given count per class (e.g. the real Places-LT profile); val and
-test are balanced. Output columns are the embedding contract: `embedding`, `label`, `split`, `id`.
+test are balanced. `balanced_twin` draws, from the same class distributions, a balanced
+train split of the same total size beside the same test split: the reference a long-tail
+recipe is measured against (design brief, section 3). Output columns are the embedding
+contract: `embedding`, `label`, `split`, `id`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from raylt.embed.store import embedding_table
+from raylt.registry import Registry
+
+# The twin's own random stream: its draws never shift those of the long-tail set.
+_TWIN_STREAM = 0x7417
 
 
 @dataclass(frozen=True)
@@ -37,35 +52,111 @@ class LatentSpec:
     seed: int = 0
 
 
+# A generator's classes: called with the data set's random stream, the number of classes and
+# the spec, it yields one sampler per class, `draw(rng, n) -> [n, D]` unit rows. Class k's
+# parameters are drawn when it is reached, after class k-1's rows.
+Classes = Callable[[np.random.Generator, int, LatentSpec], Iterator[Callable[[np.random.Generator, int], np.ndarray]]]
+GENERATORS: Registry[Classes] = Registry("embedding generator")
+
+
 def _unit(rng, n, d):
     v = rng.normal(size=(n, d))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def clip_like(train_counts, eval_per_class: int = 100, spec: LatentSpec = LatentSpec(), splits=("test",)):
-    """(embeddings [N, D] float32, labels [N] int64, split names [N]) for the given profile."""
-    rng = np.random.default_rng(spec.seed)
-    counts = np.asarray(train_counts, dtype=np.int64)
-    c, d = len(counts), spec.dim
+def _on_sphere(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@GENERATORS.register("clip_like", "shared component, super-classes of 8, 1-3 modes, Gaussian anisotropic spread")
+def _clip_classes(rng, c: int, spec: LatentSpec):
+    d = spec.dim
     common = _unit(rng, 1, d)[0] * spec.shared
     groups = _unit(rng, (c + spec.classes_per_group - 1) // spec.classes_per_group, d) * spec.group
     means = common + groups[np.arange(c) // spec.classes_per_group] + _unit(rng, c, d) * spec.spread
     basis = np.linalg.qr(rng.normal(size=(d, 24)))[0]  # shared nuisance directions
-    xs, ys, ss = [], [], []
     for k in range(c):
         m = rng.integers(*spec.modes)
         centres = means[k] + _unit(rng, m, d) * spec.mode
         own = np.linalg.qr(rng.normal(size=(d, 8)))[0]  # class-specific directions
+
+        def draw(r, n, m=m, centres=centres, own=own):
+            which = r.integers(0, m, n)
+            z = (r.normal(size=(n, d)) * (0.5 / np.sqrt(d))
+                 + r.normal(size=(n, 24)) @ basis.T * (0.6 / np.sqrt(24))
+                 + r.normal(size=(n, 8)) @ own.T * (0.6 / np.sqrt(8))) * spec.noise
+            return _on_sphere(centres[which] + z)
+
+        yield draw
+
+
+@GENERATORS.register("heavy_tailed", "uneven super-classes, 3-9 weighted sub-modes, Student-t spread (3 dof)")
+def _heavy_classes(rng, c: int, spec: LatentSpec):
+    d, dof = spec.dim, 3.0
+    common = _unit(rng, 1, d)[0] * spec.shared
+    sizes = rng.integers(2, 2 * spec.classes_per_group + 1, c)  # uneven super-classes, 2 to 16 classes
+    group_of = np.repeat(np.arange(c), sizes)[:c]
+    groups = _unit(rng, c, d) * spec.group
+    means = common + groups[group_of] + _unit(rng, c, d) * spec.spread * 1.2
+    basis = np.linalg.qr(rng.normal(size=(d, 32)))[0]
+    for k in range(c):
+        m = int(rng.integers(3, 10))
+        weights = rng.dirichlet(np.ones(m))  # uneven sub-modes: some are rare within the class
+        centres = means[k] + _unit(rng, m, d) * spec.mode * 1.5
+        own = np.linalg.qr(rng.normal(size=(d, 12)))[0]
+
+        def draw(r, n, m=m, weights=weights, centres=centres, own=own):
+            which = r.choice(m, n, p=weights)
+            g = (r.normal(size=(n, d)) * (0.45 / np.sqrt(d))
+                 + r.normal(size=(n, 32)) @ basis.T * (0.5 / np.sqrt(32))
+                 + r.normal(size=(n, 12)) @ own.T * (0.55 / np.sqrt(12)))
+            scale = np.sqrt((dof - 2) / r.chisquare(dof, n))[:, None]  # Student-t with unit variance
+            return _on_sphere(centres[which] + g * scale * spec.noise)
+
+        yield draw
+
+
+def generate(generator: str, train_counts, eval_per_class: int = 100, spec: LatentSpec = LatentSpec(),
+             splits=("test",), twin_counts=None):
+    """(embeddings [N, D] float32, labels [N] int64, split names [N]) for the given profile, and
+    with `twin_counts` also (embeddings, labels) of a train split of those counts drawn from the
+    same class distributions (else None)."""
+    rng = np.random.default_rng(spec.seed)
+    twin_rng = np.random.default_rng([spec.seed, _TWIN_STREAM])
+    counts = np.asarray(train_counts, dtype=np.int64)
+    xs, ys, ss, tx, ty = [], [], [], [], []
+    for k, draw in enumerate(GENERATORS.get(generator)(rng, len(counts), spec)):
         for split, n in [("train", counts[k])] + [(s, eval_per_class) for s in splits]:
-            which = rng.integers(0, m, n)
-            z = (rng.normal(size=(n, d)) * (0.5 / np.sqrt(d))
-                 + rng.normal(size=(n, 24)) @ basis.T * (0.6 / np.sqrt(24))
-                 + rng.normal(size=(n, 8)) @ own.T * (0.6 / np.sqrt(8))) * spec.noise
-            x = centres[which] + z
-            xs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+            xs.append(draw(rng, n))
             ys.append(np.full(n, k))
             ss.append(np.full(n, split))
-    return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64), np.concatenate(ss)
+        if twin_counts is not None:
+            tx.append(draw(twin_rng, int(twin_counts[k])))
+            ty.append(np.full(int(twin_counts[k]), k))
+    out = np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64), np.concatenate(ss)
+    twin = (np.concatenate(tx).astype(np.float32), np.concatenate(ty).astype(np.int64)) if twin_counts is not None else None
+    return out, twin
+
+
+def clip_like(train_counts, eval_per_class: int = 100, spec: LatentSpec = LatentSpec(), splits=("test",)):
+    """(embeddings [N, D] float32, labels [N] int64, split names [N]) for the given profile."""
+    return generate("clip_like", train_counts, eval_per_class, spec, splits)[0]
+
+
+def balanced_counts(total: int, num_classes: int) -> np.ndarray:
+    """`total` images over `num_classes` classes as evenly as they go (the first classes take the rest)."""
+    out = np.full(num_classes, total // num_classes, np.int64)
+    out[: total % num_classes] += 1
+    return out
+
+
+def balanced_twin(generator: str, train_counts, eval_per_class: int = 100, spec: LatentSpec = LatentSpec(),
+                  splits=("test",)):
+    """The long-tail set ((x, y, split), as `generate` gives it) and its balanced twin's train
+    split (x, y): the same class distributions, the same total number of train images, spread
+    evenly over the classes. Evaluate both on the long-tail set's test split."""
+    counts = np.asarray(train_counts, dtype=np.int64)
+    return generate(generator, counts, eval_per_class, spec, splits, balanced_counts(int(counts.sum()), len(counts)))
 
 
 def with_look_alikes(train_counts, aux_per_class: int, eval_per_class: int = 100, spec: LatentSpec = LatentSpec(),

@@ -1,14 +1,55 @@
-"""Generated embeddings: the iNaturalist-sized long tail."""
+"""Generated embeddings: the iNaturalist-sized long tail, the two generators and the balanced twin."""
+
+import hashlib
 
 import numpy as np
+import pytest
+
+from raylt.testing.simulate import (
+    GENERATORS, LatentSpec, balanced_counts, balanced_twin, clip_like, generate, inat_like_profile,
+)
 
 
 def test_inat_like_profile_has_inaturalist_2018_size_and_groups():
-    from raylt.testing.simulate import inat_like_profile
-
     p = inat_like_profile()
-    assert (len(p), p.sum(), p.max(), p.min()) == (8142, 437_513, 1000, 2)
+    assert len(p) == 8142 and abs(int(p.sum()) - 437_513) < 200 and p.max() == 1000 and p.min() == 2
     assert ((p > 100).sum(), ((p >= 20) & (p <= 100)).sum(), (p < 20).sum()) == (842, 4076, 3224)
-    assert np.all(np.diff(p) <= 0)  # ranked, head first
-    quarter = inat_like_profile(2036)
-    assert quarter.max() == 1000 and quarter.min() == 2 and abs(quarter.sum() - 437_513 / 4) < 500
+
+
+def test_clip_like_draws_the_embeddings_it_always_drew():
+    """Benchmarks and accuracy tests are measured on these exact arrays: a change of the
+    generator must be a choice, not a side effect."""
+    x, y, s = clip_like([30, 12, 5, 2, 9, 3, 1, 7, 4, 6], 7, LatentSpec(dim=32, seed=3), splits=("val", "test"))
+    digest = hashlib.sha256(x.tobytes() + y.tobytes() + "|".join(s).encode()).hexdigest()[:16]
+    assert x.shape == (219, 32) and digest == "efdb7d9dec090a36"
+
+
+@pytest.mark.parametrize("generator", GENERATORS.names())
+def test_generators_give_unit_rows_in_the_requested_splits(generator):
+    (x, y, s), twin = generate(generator, [20, 5, 1], 4, LatentSpec(dim=48, seed=0), splits=("val", "test"))
+    assert twin is None and x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert np.bincount(y[s == "train"]).tolist() == [20, 5, 1]
+    assert np.bincount(y[s == "val"]).tolist() == [4, 4, 4] and np.bincount(y[s == "test"]).tolist() == [4, 4, 4]
+
+
+def test_heavy_tailed_classes_have_far_outliers_that_clip_like_ones_do_not():
+    def tail_ratio(generator):  # 99th percentile over median distance to the class mean
+        (x, y, _), _ = generate(generator, [400] * 6, 0, LatentSpec(dim=64, seed=0), splits=())
+        d = np.concatenate([np.linalg.norm(x[y == c] - x[y == c].mean(0), axis=1) for c in range(6)])
+        return np.percentile(d, 99) / np.median(d)
+
+    assert tail_ratio("heavy_tailed") > 1.6 > 1.3 > tail_ratio("clip_like")
+
+
+@pytest.mark.parametrize("generator", GENERATORS.names())
+def test_the_balanced_twin_has_the_same_test_set_and_class_distributions(generator):
+    counts, spec = [400, 300, 10, 3], LatentSpec(dim=64, seed=1)
+    (x, y, s), (xb, yb) = balanced_twin(generator, counts, 50, spec)
+    (x0, y0, s0), _ = generate(generator, counts, 50, spec)
+    assert np.array_equal(x, x0) and np.array_equal(y, y0)  # the long-tail set is untouched by its twin
+    assert np.bincount(yb).tolist() == balanced_counts(713, 4).tolist() == [179, 178, 178, 178]
+    test = s == "test"
+    means = np.stack([x[test][y[test] == c].mean(0) for c in range(4)])
+    for c in range(4):  # the twin's class c, even where the long tail had 3 images, is nearest to test class c
+        d = np.linalg.norm(means - xb[yb == c].mean(0), axis=1)
+        assert d.argmin() == c
