@@ -88,10 +88,10 @@ def cmd_fit(args) -> int:
     from raylt.config import load_config
     from raylt.embed.inputs import open_embeddings
     from raylt.methods.recipes import baseline_config
-    from raylt.pipeline import fit
 
     cfg = load_config(args.config, args.overrides)
     es = open_embeddings(args.embeddings, args.class_names)
+    from raylt.pipeline import fit  # Ray Train and torch only once the inputs are valid: bad input fails at once
     out = Path(args.out).expanduser().resolve()
     results = [fit(cfg, es, out)]
     if args.baseline:

@@ -21,14 +21,9 @@ import numpy as np
 import torch
 
 from raylt.latent.calibrate import Gaussians, calibrated_gaussians, free_lunch_gaussians
+from raylt.latent.transforms import TRANSFORMS
 from raylt.registry import Registry
 
-# Tukey's ladder of powers with lambda = 1/2 on signed features (Yang et al. 2021 used ReLU
-# features, which are non-negative): sign(x) |x|^1/2, inverted by sign(t) t^2.
-TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
-    "identity": (lambda x: x, lambda x: x),
-    "tukey": (lambda x: np.sign(x) * np.sqrt(np.abs(x)), lambda t: t.sign() * t.square()),
-}
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import ray
 
 from raylt.embed.inputs import EmbeddingSet, embedding_dim, open_embeddings, table_arrays
-from raylt.latent.sampling import TRANSFORMS
 from raylt.latent.stats import ClassMoments, class_moments, load_moments, merge, save_moments, tree_reduce
+from raylt.latent.transforms import TRANSFORMS
 
 log = logging.getLogger(__name__)
 
