@@ -9,6 +9,7 @@ traces), and the Ray reduce over Parquet shards (`reduce_moments`), Ray start-up
 
     python bench/class_stats.py                      # Places-LT size: 365 classes, 62,500 x 512
     python bench/class_stats.py --size inat          # iNaturalist 2018 size: 8,142 classes, 437,513 x 768
+    python bench/class_stats.py --generator heavy_tailed   # structured embeddings (raylt.testing.simulate)
 """
 
 from __future__ import annotations
@@ -53,13 +54,20 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="places")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--ray", action="store_true", help="also time the Ray reduce over Parquet shards")
+    ap.add_argument("--generator", help="embeddings from this raylt.testing.simulate generator (default: isotropic "
+                                        "unit vectors, the range finder's worst case)")
     args = ap.parse_args(argv)
     classes, total, dim, head = SIZES[args.size]
     counts = profile(classes, total, head)
     rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(classes), counts)
-    x = rng.standard_normal((len(y), dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    if args.generator:
+        from raylt.testing.simulate import LatentSpec, generate
+
+        (x, y, split), _ = generate(args.generator, counts, 0, LatentSpec(dim=dim), splits=())
+    else:
+        y = np.repeat(np.arange(classes), counts)
+        x = rng.standard_normal((len(y), dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
     print(f"\nclass statistics: {classes} classes, {len(y)} embeddings ({counts.max()} down to {counts.min()}), "
           f"D={dim}, rank {args.rank}\n")
 
@@ -74,6 +82,14 @@ def main(argv=None) -> int:
     print("|---|---|---|")
     print(f"| per-class numpy.cov loop (means + pooled) | {peer:.2f} | 1.00 |")
     print(f"| raylt class_moments (+ rank-{args.rank} roots, traces) | {ours:.2f} | {peer / ours:.2f}x |")
+    t0 = time.perf_counter()
+    exact = class_moments(x, y, classes, args.rank, exact_roots=True)
+    exact_s = time.perf_counter() - t0
+    print(f"| raylt class_moments, roots by exact eigendecomposition | {exact_s:.2f} | {peer / exact_s:.2f}x |")
+    big = counts > 3 * (args.rank + 10)  # the classes whose roots come from the range finder
+    kept = np.einsum("crd,crd->c", m.roots, m.roots)[big] / np.einsum("crd,crd->c", exact.roots, exact.roots)[big]
+    print(f"\nrange-finder roots keep {kept.min():.4f} (worst class) and {kept.mean():.4f} (mean) of the optimal "
+          f"rank-{args.rank} energy over the {big.sum()} classes above {3 * (args.rank + 10)} rows")
     if args.ray:
         import ray
 

@@ -3,7 +3,8 @@
 Data: generated long-tailed embeddings (raylt.testing.simulate), by default from both of its
 structurally different generators (`clip_like`, `heavy_tailed`), with the real Places-LT train
 profile (365 classes, 62,500 images, read from ../shared/datasets/places_lt when present),
-D = 512, 100 test images per class. Peers, on the same embeddings:
+D = 512, 100 test images per class and 20 val images per class (on which the post-hoc offsets' tau
+is chosen, raylt.head.posthoc). Peers, on the same embeddings:
 - the plain CE head trained on the balanced twin (the same class distributions and test set,
   a balanced train split of the same size): the reference; every raylt row reports the
   fraction of the long-tail -> balanced gap it closes, (recipe - CE) / (CE on twin - CE),
@@ -66,29 +67,46 @@ def row(name, seconds, r, plain=None, twin=None):
           f"| {r['few']:.4f} | {gaps} |")
 
 
-def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None):
+def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=None):
     """(fit seconds, metrics) of a raylt recipe trained on (x, y) with class counts `counts`;
-    many / medium / few by `groups` (default: `counts`)."""
+    many / medium / few by `groups` (default: `counts`); post-hoc offsets chosen on `val`."""
     import torch
 
-    from raylt.latent.sampling import build_gaussians
-    from raylt.latent.stats import class_moments
     from raylt.head.loop import fit_local, predict_logits
+    from raylt.head.posthoc import choose_tau, offsets
+    from raylt.head.whiten import head_whitening
+    from raylt.latent.sampling import SAMPLERS, TRANSFORMS
+    from raylt.latent.stats import class_moments
 
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
-    g = None
-    if cfg.sampler.name != "none":
-        from raylt.latent.sampling import TRANSFORMS
+    spec = SAMPLERS.get(cfg.sampler.name)
+    # The raw embeddings' moments serve the whitened head and the identity-space samplers;
+    # without a sampler the whitening needs only the pooled covariance (rank 1).
+    from raylt.head.modules import HEADS
 
-        fwd = TRANSFORMS["tukey" if cfg.sampler.name == "free_lunch" else "identity"][0]
-        g = build_gaussians(cfg.sampler.name, class_moments(fwd(x), y, len(counts), cfg.stats.rank), cfg.sampler)
-    head = fit_local(x, y, counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device)
+    raw = None
+    if HEADS.get(cfg.head.name).whitened or spec.transform == "identity":
+        raw = class_moments(x, y, len(counts), cfg.stats.rank if spec.transform == "identity" else 1)
+    g = None
+    if spec.transform:
+        m = raw if spec.transform == "identity" else class_moments(TRANSFORMS[spec.transform][0](x), y, len(counts),
+                                                                     cfg.stats.rank)
+        g = spec.build(m, cfg.sampler)
+    head = fit_local(x, y, counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device,
+                     whiten=head_whitening(cfg.head, raw) if raw is not None else None)
+    f = offsets(cfg.head.posthoc, counts)
+    shift = 0.0
+    if f is not None:  # as the pipeline does: tau from the config, else chosen on the val split
+        tau = cfg.head.posthoc_tau if cfg.head.posthoc_tau is not None else choose_tau(
+            predict_logits(head, val[0]), val[1], f)[0]
+        shift = tau * f
     if device != "cpu":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     groups = counts if groups is None else groups
-    return secs, evaluate(predict_logits(head, xt).argmax(1), yt, groups, [str(i) for i in range(len(counts))])
+    return secs, evaluate((predict_logits(head, xt) + shift).argmax(1), yt, groups,
+                          [str(i) for i in range(len(counts))])
 
 
 def main(argv=None) -> int:
@@ -118,16 +136,18 @@ def compare(generator: str, counts: np.ndarray, args) -> None:
     """One table: every head on one generator's embeddings, with the balanced twin's reference."""
     import torch
 
-    (x_all, y_all, s_all), (xb, yb) = balanced_twin(generator, counts, 100, LatentSpec(dim=args.dim, seed=args.seed))
-    tr, te = s_all == "train", s_all == "test"
+    (x_all, y_all, s_all), (xb, yb) = balanced_twin(generator, counts, 100, LatentSpec(dim=args.dim, seed=args.seed),
+                                                    splits=("test", "val"))
+    tr, te, va = s_all == "train", s_all == "test", s_all == "val"
     x, y, xt, yt = x_all[tr], y_all[tr], x_all[te], y_all[te]
+    val = x_all[va][::5], y_all[va][::5]  # 20 per class, as Places-LT's val split
     names = [str(i) for i in range(len(counts))]
     print(f"\nhead fitting, generator {generator}: {len(counts)} classes, {len(y)} train embeddings ({counts.max()} "
           f"down to {counts.min()}), D={args.dim}, {len(yt)} test; {torch.get_num_threads()} torch threads, "
           f"raylt on {args.device}\n")
     print("| head | fit s | top-1 | balanced | many | medium | few | gap closed | few gap closed |")
     print("|---|---|---|---|---|---|---|---|---|")
-    plain_ce = ["sampler.name=none", "head.loss=ce"]
+    plain_ce = ["sampler.name=none", "head.loss=ce", "head.posthoc=none"]
     # The reference: the plain CE head on the twin, scored with the long-tail counts' groups.
     plain = raylt_fit(x, y, xt, yt, counts, plain_ce, args.device)
     twin = raylt_fit(xb, yb, xt, yt, np.bincount(yb, minlength=len(counts)), plain_ce, args.device, groups=counts)
@@ -137,7 +157,7 @@ def compare(generator: str, counts: np.ndarray, args) -> None:
     recipes.update({r: r.split(",") for r in args.recipe})
     results = {}
     for name, ov in recipes.items():
-        results[name] = raylt_fit(x, y, xt, yt, counts, ov, args.device)
+        results[name] = raylt_fit(x, y, xt, yt, counts, ov, args.device, val=val)
         row(name, *results[name], plain[1], twin[1])
 
     from raylt.latent.stats import class_moments

@@ -11,6 +11,7 @@ from raylt.config import RayltConfig
 from raylt.data import SOURCES
 from raylt.embed.backbones import BACKBONES
 from raylt.head.modules import HEADS, LOSSES
+from raylt.head.posthoc import ADJUSTMENTS
 from raylt.latent.sampling import SAMPLERS
 from raylt.methods.auxiliary import MATCHERS
 from raylt.methods.bns import ADAPTERS, BATCHES
@@ -24,6 +25,7 @@ CHOICES: tuple[tuple[str, str, Registry], ...] = (
     ("samplers", "sampler.name", SAMPLERS),
     ("heads", "head.name", HEADS),
     ("losses", "head.loss", LOSSES),
+    ("post-hoc adjustments", "head.posthoc", ADJUSTMENTS),
     ("selectors", "selection.name", SELECTORS),
     ("adapters", "adapter.name", ADAPTERS),
     ("adapter batches", "adapter.batches", BATCHES),

@@ -1,4 +1,5 @@
-"""The pipeline: embed -> class statistics -> sampler -> Ray Train head -> evaluation -> MLflow.
+"""The pipeline: embed -> class statistics -> sampler -> Ray Train head -> post-hoc offsets ->
+evaluation -> MLflow.
 
 `run(cfg)` embeds the configured data set (or reuses its store) and fits into
 `<train.output_dir>/<name>`. `fit(cfg, embeddings, out)` runs every stage after `embed` on an
@@ -19,15 +20,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from raylt import tracking
 from raylt.choices import check_names
 from raylt.config import RayltConfig, expand_path, to_dict
 from raylt.embed.inputs import EmbeddingSet, eval_split, open_embeddings, read_split
 from raylt.embed.stage import run_embed
-from raylt.head.artifact import head_logits, load_head, save_head
+from raylt.head.artifact import add_to_bias, head_logits, load_head, save_head
 from raylt.head.evaluate import evaluate, plot_per_class, write_metrics
 from raylt.head.fit_ray import fit_ray
+from raylt.head.modules import HEADS
+from raylt.head.posthoc import choose_tau, offsets
 from raylt.head.rows import head_inputs
+from raylt.head.whiten import head_whitening
 from raylt.latent.sampling import SAMPLERS
 from raylt.latent.stats_ray import class_stats, files_key
 from raylt.methods.bns_ray import adapt
@@ -89,13 +95,15 @@ def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
             with _timed(times, "adapter_s"):
                 es, adapter = adapt(cfg, raw, files_key(raw), out, target)
         with _timed(times, "stats_s"):
-            gaussians, stats_file = _gaussians(cfg, es, out)
+            gaussians, whiten, stats_file = _class_statistics(cfg, es, out)
         tracking.record_run(cfg, out, run, run_name, stats_file,
                             {"class_names": list(raw.class_names), "backbone": raw.backbone})
         with _timed(times, "train_s"):
             train_ds, val_ds, info, extra = head_inputs(cfg, es, gaussians, adapter)
+            info["whiten"] = whiten
             state = fit_ray(cfg, train_ds, val_ds, gaussians, info, out, target)
         save_head(state, cfg.head.name, cfg.head.scale, out / "head.npz", num_targets=es.num_classes, adapter=adapter)
+        extra.update(_posthoc(cfg, raw, out / "head.npz"))
         metrics = {**_evaluate(raw, out / "head.npz"), **extra, "seconds": {k: round(v, 3) for k, v in times.items()}}
         write_metrics(metrics, out / "metrics.json")
         plot_per_class(metrics, out / "per_class.png", f"{cfg.name}: {recipe_label(cfg)}")
@@ -103,18 +111,49 @@ def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
     return metrics, run.info.run_id if run is not None else None, uri
 
 
-def _gaussians(cfg: RayltConfig, es: EmbeddingSet, out: Path):
-    """(calibrated Gaussians or None, the class statistics file): the sampler's distributions
-    from the train split's moments, cached beside a store (or in `out` for other inputs)."""
-    spec = SAMPLERS.get(cfg.sampler.name)
-    if not spec.transform:
-        return None, None
+def _class_statistics(cfg: RayltConfig, es: EmbeddingSet, out: Path):
+    """(calibrated Gaussians or None, the whitened head's Whitening or None, the class
+    statistics file): both from the train split's moments, cached beside a store (or in `out`
+    for other inputs). The whitening is of the raw embeddings, whatever space the sampler's
+    statistics live in."""
+    spec, whitened = SAMPLERS.get(cfg.sampler.name), HEADS.get(cfg.head.name).whitened
     cache = es.path / "stats" if es.is_store else out
-    cache.mkdir(exist_ok=True)
-    moments, stats_file = class_stats(es, cfg.stats.rank, spec.transform, cache)
-    # The moments are views on the reduce's result in the object store (0.85 GB at iNaturalist
-    # size): only the Gaussians built from them are kept.
-    return spec.build(moments, cfg.sampler), stats_file
+    gaussians = whiten = stats_file = None
+    for transform in [t for t in dict.fromkeys([spec.transform, "identity" if whitened else None]) if t]:
+        cache.mkdir(exist_ok=True)
+        # The moments are views on the reduce's result in the object store (0.85 GB at
+        # iNaturalist size): only what is built from them is kept.
+        moments, file = class_stats(es, cfg.stats.rank, transform, cache)
+        stats_file = stats_file or file
+        if transform == spec.transform:
+            gaussians = spec.build(moments, cfg.sampler)
+        if transform == "identity":
+            whiten = head_whitening(cfg.head, moments)
+        del moments
+    return gaussians, whiten, stats_file
+
+
+def _posthoc(cfg: RayltConfig, es: EmbeddingSet, head_file: Path) -> dict:
+    """Adds the post-hoc offsets tau f(n_c) to the saved head's bias (raylt.head.posthoc), tau
+    from the config or chosen on the val split; what was done, for metrics.json."""
+    f = offsets(cfg.head.posthoc, es.train_counts)
+    if f is None:
+        return {}
+    tau, source = cfg.head.posthoc_tau, "config"
+    if tau is None:
+        if es.counts.get("val", np.zeros(1)).sum() == 0 or eval_split(es) == "val":
+            # Choosing on the split that is reported would flatter it: off, and said so.
+            tau, source = 0.0, "off: no val split apart from the evaluation split"
+            log.info("post-hoc %s offsets off: no val split to choose tau on apart from the evaluation split; "
+                     "set head.posthoc_tau, or add a val split", cfg.head.posthoc)
+        else:
+            x, y = read_split(es, "val")
+            tau, scores = choose_tau(head_logits(load_head(head_file), x), y, f)
+            source = "val"
+            log.info("post-hoc %s offsets: tau %g on the val split (balanced top-1 %.4f, %.4f without)",
+                     cfg.head.posthoc, tau, scores[tau], scores[0.0])
+    add_to_bias(head_file, tau * f)
+    return {"posthoc": cfg.head.posthoc, "posthoc_tau": float(tau), "posthoc_from": source}
 
 
 def _evaluate(es: EmbeddingSet, head_file: Path) -> dict:

@@ -12,6 +12,7 @@ import pytest
 from raylt.config import load_config
 from raylt.embed.inputs import open_embeddings, read_split
 from raylt.errors import RayltError
+from raylt.head.posthoc import TAUS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -22,6 +23,9 @@ def test_default_recipe_beats_the_plain_ce_head_on_few_shot_classes(demo_run):
     assert recipe.metrics["few"] > baseline.metrics["few"] + 0.1, (recipe.metrics, baseline.metrics)
     assert recipe.metrics["overall"] > baseline.metrics["overall"]
     assert recipe.metrics["synthetic_per_epoch"] > 0 and baseline.metrics["synthetic_per_epoch"] == 0
+    # the demo has no val split apart from its test split: no tau is chosen on what is reported
+    assert recipe.metrics["posthoc_tau"] == 0.0 and recipe.metrics["posthoc_from"].startswith("off: no val split")
+    assert "posthoc" not in baseline.metrics  # the plain head has no offsets
 
 
 def test_metrics_file_and_mlflow_run_agree(demo_run):
@@ -119,6 +123,7 @@ def test_fit_command_on_own_embeddings(ray_session, tmp_path):
     assert m["class_names"][:2] == ["kind 0", "kind 1"] and m["num_test"] == 16 * 20 and m["split"] == "test"
     assert "| gaussian sampler, logit_adjusted loss |" in out.stdout and "| baseline: CE head, real only |" in out.stdout
     assert (tmp_path / "o" / "baseline" / "metrics.json").is_file()
+    assert m["posthoc"] == "count" and m["posthoc_from"] == "val" and m["posthoc_tau"] in TAUS
 
 
 def test_fit_refuses_bad_embeddings_in_one_line(tmp_path):

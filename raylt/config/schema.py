@@ -98,7 +98,7 @@ class SamplerConfig:
     """Synthetic embeddings (raylt.latent.sampling; `raylt list` shows the samplers)."""
 
     name: str = "gaussian"  # registry: none, gaussian, free_lunch
-    target: int = field(default=200, metadata=_min(0))  # every class topped up to this many per epoch
+    target: int = field(default=100, metadata=_min(0))  # every class topped up to this many per epoch (default: bench/head_fit.py)
     kappa: float = field(default=20.0, metadata=_min(0))  # shrinkage lambda_c = n_c / (n_c + kappa)
     neighbours: int = field(default=5, metadata=_min(1))  # nearest classes a covariance borrows from
     eps: float = field(default=0.05, metadata=_min(0))  # ridge, x mean within-class variance (free_lunch: alpha)
@@ -149,20 +149,25 @@ class AuxiliaryConfig:
 class HeadConfig:
     """The trained classifier (raylt.head.modules)."""
 
-    name: str = "linear"  # registry: linear, cosine
+    name: str = "whitened"  # registry: whitened, linear, cosine (default: bench/head_fit.py)
+    whiten_ridge: float = field(default=0.01, metadata=_min(0))  # whitened: least shrinkage of the pooled covariance toward its mean eigenvalue (OAS when larger)
     scale: float = field(default=16.0, metadata=_min(0))  # cosine logit scale (and text-init weight norm)
     text_init: bool = False  # start from CLIP text embeddings of "a photo of a {class name}."
     loss: str = "logit_adjusted"  # registry: ce, logit_adjusted, balanced_softmax (default: bench/head_fit.py)
     tau: float = 1.0  # logit_adjusted: weight of the log prior
+    posthoc: str = "count"  # registry: none, count, prior: per-class offsets tau f(n_c) added to the bias after training
+    # null: tau chosen on the val split's balanced accuracy (0 without a val split apart from the evaluation split)
+    posthoc_tau: float | None = None
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The Ray Train stage that fits the head."""
 
-    epochs: int = field(default=30, metadata=_min(1))
-    batch_size: int = field(default=256, metadata=_min(1))  # real embeddings per step and worker
-    lr: float = field(default=1e-2, metadata=_min(0))  # AdamW, cosine schedule
+    # Defaults from bench/head_fit.py: the whitened head converges in 5 epochs of 1,024-row steps.
+    epochs: int = field(default=5, metadata=_min(1))
+    batch_size: int = field(default=1024, metadata=_min(1))  # real embeddings per step and worker
+    lr: float = field(default=0.1, metadata=_min(0))  # AdamW, cosine schedule
     weight_decay: float = field(default=1e-4, metadata=_min(0))
     num_workers: int = field(default=1, metadata=_min(1))
     use_gpu: bool = False  # one GPU per worker

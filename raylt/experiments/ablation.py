@@ -46,11 +46,12 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "ip_dpp": ("IP-DPP selection of k per class (arXiv 2510.08836)", {"selection": {"name": "ip_dpp"}}),
     "bns": ("BNS adapter before the head (arXiv 2510.08836)", {"adapter": {"name": "bns"}}),
     "auxiliary": ("auxiliary classes, neighbour silencing (arXiv 2410.15980)", {"auxiliary": "from_config"}),
-    "default": ("raylt default: Gaussian sampler + logit adjustment",
-                {"sampler": {"name": "gaussian"}, "head": {"loss": "logit_adjusted"}}),
+    "posthoc": ("post-hoc offsets tau / n_c, tau chosen on val", {"head": {"posthoc": "count"}}),
+    "default": ("raylt default: Gaussian sampler + logit adjustment + post-hoc offsets",
+                {"sampler": {"name": "gaussian"}, "head": {"loss": "logit_adjusted", "posthoc": "count"}}),
 }
 LOSS_RECIPES, SAMPLER_RECIPES = ("ce", "logit_adjusted", "balanced_softmax"), ("gaussian", "free_lunch")
-ADD_ONS = ("ip_dpp", "bns", "auxiliary")
+ADD_ONS = ("ip_dpp", "bns", "auxiliary", "posthoc")
 
 
 def recipe_config(base: RayltConfig, changes: dict) -> RayltConfig:

@@ -4,7 +4,7 @@ Input: a config, an `EmbeddingSet` and a search space: dotted config keys mapped
 distribution each (`SPACES`), from a YAML file or `DEFAULT_SPACE`:
 
     sampler.target: {choice: [50, 100, 200, 400]}
-    train.lr: {loguniform: [0.001, 0.05]}
+    train.lr: {loguniform: [0.02, 0.5]}
 
 Each trial is the config with the trial's values, fitted in its own Ray Tune trial (one CPU)
 by the same epochs the Ray Train workers run (`raylt.train.fit_local`), on embeddings held in
@@ -43,6 +43,7 @@ from raylt.experiments import tables
 from raylt.experiments.tables import COLUMNS, cell
 from raylt.head.evaluate import evaluate
 from raylt.head.loop import fit_local, predict_logits
+from raylt.head.whiten import head_whitening
 from raylt.latent.sampling import SAMPLERS, TRANSFORMS
 from raylt.latent.stats import class_moments
 from raylt.ops.cluster import cluster_cpus, init_ray
@@ -66,7 +67,7 @@ SPACES.register("randint", "[low, high), integers")(lambda v: tune.randint(*v))
 DEFAULT_SPACE = {
     "sampler.target": {"choice": [50, 100, 200, 400]},
     "sampler.kappa": {"loguniform": [2.0, 100.0]},
-    "train.lr": {"loguniform": [0.002, 0.05]},
+    "train.lr": {"loguniform": [0.02, 0.5]},  # around the whitened head's default 0.1
     "head.tau": {"uniform": [0.5, 1.5]},
 }
 
@@ -150,7 +151,8 @@ def prepare(cfg: RayltConfig, es: EmbeddingSet, space: dict) -> Data:
     except DataError:  # no test split: trials are scored on val only
         xt = yt = None
     names = {cfg.sampler.name, *next(iter(space.get("sampler.name", {}).values()), [])}  # those a trial may use
-    transforms = {SAMPLERS.get(n).transform for n in names} - {None}
+    # identity: the whitened head's whitening is of the raw embeddings, whichever sampler a trial takes
+    transforms = {SAMPLERS.get(n).transform for n in names} - {None} | {"identity"}
     counts = np.bincount(y, minlength=es.num_classes)
     moments = {t: class_moments(TRANSFORMS[t][0](x), y, es.num_classes, cfg.stats.rank) for t in transforms}
     return Data(x, y, xv, yv, xt, yt, counts, es.class_names, moments, val_from)
@@ -163,6 +165,7 @@ def _trial(params: dict, base: RayltConfig, data: Data, parent: str | None) -> N
     cfg = override(base, plain(params), "the search space")
     spec = SAMPLERS.get(cfg.sampler.name)
     g = spec.build(data.moments[spec.transform], cfg.sampler) if spec.transform else None
+    whiten = head_whitening(cfg.head, data.moments["identity"])
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
     with tracking.start_run(cfg, name, parent_run_id=parent) as run:
         target = tracking.worker_target(run)
@@ -181,7 +184,7 @@ def _trial(params: dict, base: RayltConfig, data: Data, parent: str | None) -> N
 
         device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
         fit_local(data.x, data.y, data.counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device,
-                  on_epoch=report)
+                  on_epoch=report, whiten=whiten)
 
 
 def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: str, num_samples: int = 8,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raylt.head.whiten import fold
 from raylt.methods.bns_artifact import adapter_numpy
 
 
@@ -20,12 +21,24 @@ def save_head(state: dict, kind: str, scale: float, path: Path, num_targets: int
               adapter: dict | None = None) -> None:
     """The trained head's parameters (a torch state dict) as numpy arrays: its first
     `num_targets` rows (auxiliary-class rows are dropped at inference) and, when features were
-    adapted, the adapter's weights (`adapter_w1` ...), applied before the head."""
-    w = state["weight"].detach().cpu().numpy().astype(np.float32)
-    b = state["bias"].detach().cpu().numpy().astype(np.float32) if "bias" in state else np.zeros(len(w), np.float32)
+    adapted, the adapter's weights (`adapter_w1` ...), applied before the head. A whitened
+    head (its state carries `transform` and `mean`) is folded into the plain linear form."""
+    arr = lambda k: state[k].detach().cpu().numpy().astype(np.float32)  # noqa: E731
+    w = arr("weight")
+    b = arr("bias") if "bias" in state else np.zeros(len(w), np.float32)
+    if "transform" in state:
+        (w, b), kind = fold(w, b, arr("transform"), arr("mean")), "linear"
     n = len(w) if num_targets is None else num_targets
     extra = {f"adapter_{k}": v for k, v in (adapter or {}).items()}
     np.savez(path, kind=np.asarray(kind), weight=w[:n], bias=b[:n], scale=np.float32(scale), **extra)
+
+
+def add_to_bias(path, delta: np.ndarray) -> None:
+    """Rewrites `head.npz` with `delta` [C] added to its bias (post-hoc offsets)."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["bias"] = (arrays["bias"].astype(np.float64) + delta).astype(np.float32)
+    np.savez(path, **arrays)
 
 
 def load_head(path) -> dict:

@@ -38,6 +38,7 @@ from raylt.tracking import log_epoch
 log = logging.getLogger(__name__)
 # Where and how a fit runs, not what it learns: left out of the checkpoints' key.
 _WHERE = ("output_dir", "cpus_per_worker", "threads_per_worker", "placement_strategy", "max_failures")
+_AFTER = ("posthoc", "posthoc_tau")  # head settings applied after training (raylt.head.posthoc)
 
 
 def fit_key(cfg) -> str:
@@ -45,6 +46,7 @@ def fit_key(cfg) -> str:
     keep = {k: to_dict(cfg)[k] for k in ("seed", "stats", "sampler", "selection", "adapter", "auxiliary", "head",
                                          "train")}
     keep["train"] = {k: v for k, v in keep["train"].items() if k not in _WHERE}
+    keep["head"] = {k: v for k, v in keep["head"].items() if k not in _AFTER}
     # Settings of a method that is off do not shape training: changing them keeps checkpoints.
     for method, on in METHODS.items():
         if not on(cfg):
@@ -70,7 +72,8 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial head on every rank
-    head = build_head(cfg.head.name, config["dim"], config["num_classes"], cfg.head.scale, config["init"])
+    head = build_head(cfg.head.name, config["dim"], config["num_classes"], cfg.head.scale, config["init"],
+                      config.get("whiten"))
     head = ray.train.torch.prepare_model(head)
     plain = head.module if hasattr(head, "module") else head
     opt, sched = make_optimizer(head, cfg.train)

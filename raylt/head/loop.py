@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from raylt.config import TrainConfig
-from raylt.head.modules import build_head, build_loss
+from raylt.head.modules import HEADS, build_head, build_loss
+from raylt.head.whiten import head_whitening
+from raylt.latent.stats import class_moments
 from raylt.latent.sampling import GaussianSampler, shared_tensor, synthetic_counts, worker_labels
 from raylt.ops.optim import adamw_cosine, epoch_generator
 
@@ -92,11 +94,14 @@ def predict_logits(head: nn.Module, x: np.ndarray, batch: int = 65536) -> np.nda
 
 
 def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target: int, seed: int, init=None,
-              device: str = "cpu", on_epoch: Callable | None = None):
+              device: str = "cpu", on_epoch: Callable | None = None, whiten=None):
     """The whole head fit in this process (no Ray): the same epochs the Ray workers run;
-    `on_epoch(epoch, head, stats)` after each (a sweep scores and reports there)."""
+    `on_epoch(epoch, head, stats)` after each (a sweep scores and reports there). `whiten`:
+    the raylt.head.whiten.Whitening a whitened head needs, else computed from (x, y)."""
+    if whiten is None and HEADS.get(head_cfg.name).whitened:
+        whiten = head_whitening(head_cfg, class_moments(x, y, len(counts), rank=1))
     torch.manual_seed(seed)
-    head = build_head(head_cfg.name, x.shape[1], len(counts), head_cfg.scale, init).to(device)
+    head = build_head(head_cfg.name, x.shape[1], len(counts), head_cfg.scale, init, whiten).to(device)
     syn_counts = synthetic_counts(counts, target, gaussians.valid) if gaussians is not None else np.zeros_like(counts)
     loss_fn = build_loss(head_cfg.loss, counts + syn_counts, head_cfg.tau)
     opt, sched = make_optimizer(head, train_cfg)

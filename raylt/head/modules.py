@@ -1,6 +1,7 @@
 """Classifier heads and long-tail losses (pure core, torch): two registries.
 
-Heads map embeddings [B, D] to logits [B, C]; only their parameters are trained.
+Heads map embeddings [B, D] to logits [B, C]; only their parameters are trained. Every head
+is saved as `linear` (W x + b) or `cosine` (raylt.head.artifact).
 Losses take (logits, labels) and are built with the class counts of the training stream
 (real plus synthetic), since that is the label distribution the head sees:
 - `ce`: plain cross-entropy.
@@ -13,6 +14,7 @@ At inference every head's plain logits are used: the adjustments only shape trai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -21,8 +23,30 @@ from torch import nn
 
 from raylt.registry import Registry
 
-HEADS: Registry[Callable[..., nn.Module]] = Registry("head")
+HEADS: Registry["HeadSpec"] = Registry("head")
 LOSSES: Registry[Callable[..., Callable]] = Registry("loss")
+
+
+class WhitenedLinear(nn.Module):
+    """W' ((x - mean) T) + b': the linear head on whitened embeddings (raylt.head.whiten). T and
+    mean are buffers, so checkpoints carry them and `save_head` folds them into W and b."""
+
+    def __init__(self, dim: int, num_classes: int, whiten):
+        super().__init__()
+        inner = nn.Linear(dim, num_classes)
+        self.weight, self.bias = inner.weight, inner.bias
+        self.register_buffer("transform", torch.as_tensor(whiten.transform, dtype=torch.float32))
+        self.register_buffer("mean", torch.as_tensor(whiten.mean, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Whiten whichever side is smaller, the B rows or the C weight rows (B D^2 or C D^2
+        # flops): at Places-LT size a batch of 1,024 rows costs 3x more to whiten than 365
+        # classes' weights, at iNaturalist size 8,142 classes cost 8x more than the batch.
+        # The logits and gradients are the same either way.
+        if len(x) < len(self.weight):
+            return nn.functional.linear((x - self.mean) @ self.transform, self.weight, self.bias)
+        w = self.weight @ self.transform.T  # raw-space W = W' T^T and b = b' - W mean
+        return nn.functional.linear(x, w, self.bias - w @ self.mean)
 
 
 class CosineHead(nn.Module):
@@ -38,27 +62,41 @@ class CosineHead(nn.Module):
         return self.scale * nn.functional.normalize(x, dim=1) @ w.T
 
 
-@HEADS.register("linear", "affine layer W x + b")
-def linear_head(dim: int, num_classes: int, scale: float) -> nn.Module:
-    return nn.Linear(dim, num_classes)
+@dataclass(frozen=True)
+class HeadSpec:
+    build: Callable[..., nn.Module]  # (dim, num_classes, scale, whiten) -> module
+    whitened: bool = False  # trains on whitened embeddings: needs a raylt.head.whiten.Whitening
 
 
-@HEADS.register("cosine", "cosine similarity to class weights times head.scale")
-def cosine_head(dim: int, num_classes: int, scale: float) -> nn.Module:
-    return CosineHead(dim, num_classes, scale)
+HEADS.register("linear", "affine layer W x + b")(HeadSpec(lambda dim, c, scale, whiten: nn.Linear(dim, c)))
+HEADS.register("whitened", "affine layer trained on embeddings whitened by the pooled within-class covariance, "
+                           "saved as W x + b (default: bench/head_fit.py)")(
+    HeadSpec(lambda dim, c, scale, whiten: WhitenedLinear(dim, c, whiten), whitened=True))
+HEADS.register("cosine", "cosine similarity to class weights times head.scale")(
+    HeadSpec(lambda dim, c, scale, whiten: CosineHead(dim, c, scale)))
 
 
-def build_head(name: str, dim: int, num_classes: int, scale: float, init: np.ndarray | None = None) -> nn.Module:
+def build_head(name: str, dim: int, num_classes: int, scale: float, init: np.ndarray | None = None,
+               whiten=None) -> nn.Module:
     """A head; `init` [C, D] (e.g. CLIP text embeddings of the class names) sets its weights,
-    scaled for a linear head so that its initial logits match a cosine head's."""
-    head = HEADS.get(name)(dim, num_classes, scale)
+    scaled for a linear head so that its initial logits match a cosine head's. A whitened head
+    takes `whiten` (raylt.head.whiten.Whitening) and starts from the same raw-space weights."""
+    spec = HEADS.get(name)
+    if spec.whitened and whiten is None:
+        raise ValueError(f"head {name!r} needs the whitening of the train embeddings")
+    head = spec.build(dim, num_classes, scale, whiten)
     if init is not None:
-        w = torch.as_tensor(init, dtype=torch.float32)
-        w = nn.functional.normalize(w, dim=1)
+        w = nn.functional.normalize(torch.as_tensor(init, dtype=torch.float32), dim=1)
+        if not isinstance(head, CosineHead):
+            w = w * scale
         with torch.no_grad():
-            head.weight.copy_(w if isinstance(head, CosineHead) else w * scale)
-            if getattr(head, "bias", None) is not None:
-                head.bias.zero_()
+            if spec.whitened:  # W' with W' T^T = W, and b' = W mean so that the raw bias is 0
+                head.weight.copy_(torch.as_tensor(whiten.whitened_weights(w.numpy())))
+                head.bias.copy_(w @ torch.as_tensor(whiten.mean))
+            else:
+                head.weight.copy_(w)
+                if getattr(head, "bias", None) is not None:
+                    head.bias.zero_()
     return head
 
 

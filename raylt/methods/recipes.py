@@ -40,7 +40,7 @@ def recipe_label(cfg: RayltConfig) -> str:
 def baseline_config(cfg: RayltConfig) -> RayltConfig:
     """The plain CE head on all real embeddings only, everything else equal (not registered)."""
     return dataclasses.replace(
-        cfg, sampler=dataclasses.replace(cfg.sampler, name="none"), head=dataclasses.replace(cfg.head, loss="ce"),
+        cfg, sampler=dataclasses.replace(cfg.sampler, name="none"), head=dataclasses.replace(cfg.head, loss="ce", posthoc="none"),
         selection=dataclasses.replace(cfg.selection, name="none"), adapter=dataclasses.replace(cfg.adapter, name="none"),
         auxiliary=dataclasses.replace(cfg.auxiliary, embeddings=None),
         tracking=dataclasses.replace(cfg.tracking, registered_model=None),  # a comparison, not a model to serve

@@ -26,7 +26,7 @@ def test_logit_adjusted_and_balanced_softmax_match_their_formulas():
 def test_unknown_registry_names_are_errors():
     with pytest.raises(ConfigError, match="did you mean 'logit_adjusted'"):
         build_loss("logit_adjust", np.ones(2), 1.0)
-    with pytest.raises(ConfigError, match="registered: cosine, linear"):
+    with pytest.raises(ConfigError, match="registered: cosine, linear, whitened"):
         build_head("mlp", 4, 2, 1.0)
 
 

@@ -106,3 +106,18 @@ def test_traces_merge_exactly():
         assert np.isclose(m.traces[c], (xc**2).sum())
     # rank 2 < D: classes 0 and 3 leave scatter out of their roots; 1 (3 images) and 2 do not
     assert m.residuals()[0] > 0 and m.residuals()[3] > 0 and np.allclose(m.residuals()[[1, 2]], 0)
+
+
+def test_range_finder_roots_are_exact_for_low_rank_classes_and_near_optimal_otherwise():
+    rng = np.random.default_rng(3)
+    d, n = 120, 600  # both sides above 3 (rank + oversample): the range finder's regime
+    low = rng.normal(size=(n, 20)) @ rng.normal(size=(20, d))  # rank 20 <= 16 + 10: exact
+    full = rng.normal(size=(n, d)) * np.geomspace(1, 0.05, d)
+    x = np.vstack([low, full])
+    y = np.repeat([0, 1], n)
+    fast, exact = class_moments(x, y, 2, rank=16), class_moments(x, y, 2, rank=16, exact_roots=True)
+    gram = lambda r: r.T @ r  # noqa: E731
+    np.testing.assert_allclose(gram(fast.roots[0]), gram(exact.roots[0]), atol=1e-6 * np.abs(gram(exact.roots[0])).max())
+    kept = (fast.roots[1] ** 2).sum() / (exact.roots[1] ** 2).sum()
+    assert 0.99 < kept <= 1.0 + 1e-9
+    np.testing.assert_array_equal(fast.roots, class_moments(x, y, 2, rank=16).roots)  # seeded: deterministic

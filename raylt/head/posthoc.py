@@ -1,0 +1,49 @@
+"""Post-hoc per-class logit offsets, chosen on the val split (pure core, numpy).
+
+A class mean estimated from n_c images is off by noise of covariance Sigma / n_c, and a head
+fitted around it loses, in expectation, a margin that grows like 1 / n_c on that class's own
+test images (for the shared-covariance Gaussian head it is D / (2 n_c) in log-likelihood
+units). Adding tau * f(n_c) to each class's bias after training gives it back; tau is the one
+number chosen, on the val split's balanced accuracy, from a fixed grid, smallest tau on ties.
+The offsets go into `head.npz`'s bias, so the served model needs nothing new.
+
+Registry `ADJUSTMENTS`: `none`; `count`, f(n) = 1 / n (default: bench/head_fit.py); `prior`,
+f(n) = -log(n / N), the post-hoc logit adjustment of Menon et al. (ICLR 2021).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from raylt.registry import Registry
+
+ADJUSTMENTS: Registry[Callable[[np.ndarray], np.ndarray] | None] = Registry("post-hoc adjustment")
+ADJUSTMENTS.register("none", "the head's own logits")(None)
+ADJUSTMENTS.register("count", "bias + tau / n_c: the margin a mean of n_c images loses (default)")(
+    lambda n: 1.0 / np.maximum(n, 1))
+ADJUSTMENTS.register("prior", "bias - tau log(n_c / N): post-hoc logit adjustment (Menon et al. 2021)")(
+    lambda n: -np.log(np.maximum(n, 1) / max(float(np.sum(n)), 1.0)))
+
+TAUS = (0.0,) + tuple(float(2 ** (k / 2)) for k in range(-4, 15))  # 0, then 0.25 .. 128 by sqrt(2)
+
+
+def offsets(name: str, counts: np.ndarray) -> np.ndarray | None:
+    """f(n_c) per class [C], or None for `none`."""
+    f = ADJUSTMENTS.get(name)
+    return None if f is None else np.asarray(f(np.asarray(counts, dtype=np.float64)), dtype=np.float64)
+
+
+def balanced_accuracy(pred: np.ndarray, y: np.ndarray, num_classes: int) -> float:
+    """Mean recall over the classes present in y."""
+    hits = np.bincount(y, weights=(pred == y).astype(np.float64), minlength=num_classes)
+    seen = np.bincount(y, minlength=num_classes)
+    return float((hits[seen > 0] / seen[seen > 0]).mean()) if seen.any() else float("nan")
+
+
+def choose_tau(logits: np.ndarray, y: np.ndarray, f: np.ndarray, taus=TAUS) -> tuple[float, dict[float, float]]:
+    """(tau with the best balanced accuracy of argmax(logits + tau f), score of every tau)."""
+    scores = {t: balanced_accuracy((logits + t * f[None]).argmax(1), y, logits.shape[1]) for t in taus}
+    best = max(scores.values())
+    return min(t for t, s in scores.items() if s == best), scores
