@@ -3,8 +3,9 @@
 Data: generated long-tailed embeddings (raylt.testing.simulate), by default from both of its
 structurally different generators (`clip_like`, `heavy_tailed`), with the real Places-LT train
 profile (365 classes, 62,500 images, read from ../shared/datasets/places_lt when present),
-D = 512, 100 test images per class and 20 val images per class (on which the post-hoc offsets' tau
-is chosen, raylt.head.posthoc). Peers, on the same embeddings:
+D = 512, 100 test images per class and 20 val images per class (on which the post-hoc offsets'
+tau and the temperature are chosen: raylt.head.posthoc, raylt.head.calibration). Peers, on the
+same embeddings:
 - the plain CE head trained on the balanced twin (the same class distributions and test set,
   a balanced train split of the same size): the reference; every raylt row reports the
   fraction of the long-tail -> balanced gap it closes, (recipe - CE) / (CE on twin - CE),
@@ -72,6 +73,8 @@ def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=No
     many / medium / few by `groups` (default: `counts`); post-hoc offsets chosen on `val`."""
     import torch
 
+    from raylt.head.artifact import softmax
+    from raylt.head.calibration import expected_calibration_error, fit_temperature
     from raylt.head.loop import fit_local, predict_logits
     from raylt.head.posthoc import choose_tau, offsets
     from raylt.head.whiten import head_whitening
@@ -95,18 +98,24 @@ def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=No
         g = spec.build(m, cfg.sampler)
     head = fit_local(x, y, counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device,
                      whiten=head_whitening(cfg.head, raw) if raw is not None else None)
+    # As the pipeline does after training: the offsets' tau and the temperature from the val split.
     f = offsets(cfg.head.posthoc, counts)
-    shift = 0.0
-    if f is not None:  # as the pipeline does: tau from the config, else chosen on the val split
+    shift, t = 0.0, 1.0
+    if f is not None:
         tau = cfg.head.posthoc_tau if cfg.head.posthoc_tau is not None else choose_tau(
             predict_logits(head, val[0]), val[1], f)[0]
         shift = tau * f
+    if cfg.head.calibrate and val is not None:
+        t = fit_temperature(predict_logits(head, val[0]) + shift, val[1])
     if device != "cpu":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     groups = counts if groups is None else groups
-    return secs, evaluate((predict_logits(head, xt) + shift).argmax(1), yt, groups,
-                          [str(i) for i in range(len(counts))])
+    z = predict_logits(head, xt) + shift
+    r = evaluate(z.argmax(1), yt, groups, [str(i) for i in range(len(counts))])
+    r.update(ece_raw=expected_calibration_error(softmax(z), yt), ece=expected_calibration_error(softmax(z / t), yt),
+             temperature=t)
+    return secs, r
 
 
 def main(argv=None) -> int:
@@ -178,6 +187,9 @@ def compare(generator: str, counts: np.ndarray, args) -> None:
         default, peer = results["raylt default (gaussian sampler, logit-adjusted)"], results[label]
         print(f"\nraylt default against balanced LogisticRegression: {peer[0] / default[0]:.2f}x its speed, "
               f"{100 * (default[1]['overall'] - peer[1]['overall']):+.1f} points top-1")
+    d = results["raylt default (gaussian sampler, logit-adjusted)"][1]
+    print(f"raylt default's test ECE: {d['ece_raw']:.4f} with its own logits, {d['ece']:.4f} after the temperature "
+          f"{d['temperature']:.3f} fitted on val")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The pipeline: embed -> class statistics -> sampler -> Ray Train head -> post-hoc offsets ->
-evaluation -> MLflow.
+temperature -> evaluation -> MLflow.
 
 `run(cfg)` embeds the configured data set (or reuses its store) and fits into
 `<train.output_dir>/<name>`. `fit(cfg, embeddings, out)` runs every stage after `embed` on an
@@ -27,7 +27,8 @@ from raylt.choices import check_names
 from raylt.config import RayltConfig, expand_path, to_dict
 from raylt.embed.inputs import EmbeddingSet, eval_split, open_embeddings, read_split
 from raylt.embed.stage import run_embed
-from raylt.head.artifact import add_to_bias, head_logits, load_head, save_head
+from raylt.head.artifact import add_to_bias, divide_logits, head_logits, load_head, save_head, softmax
+from raylt.head.calibration import expected_calibration_error, fit_temperature
 from raylt.head.evaluate import evaluate, plot_per_class, write_metrics
 from raylt.head.fit_ray import fit_ray
 from raylt.head.modules import HEADS
@@ -103,7 +104,7 @@ def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
             info["whiten"] = whiten
             state = fit_ray(cfg, train_ds, val_ds, gaussians, info, out, target)
         save_head(state, cfg.head.name, cfg.head.scale, out / "head.npz", num_targets=es.num_classes, adapter=adapter)
-        extra.update(_posthoc(cfg, raw, out / "head.npz"))
+        extra.update(_after_training(cfg, raw, out / "head.npz"))
         metrics = {**_evaluate(raw, out / "head.npz"), **extra, "seconds": {k: round(v, 3) for k, v in times.items()}}
         write_metrics(metrics, out / "metrics.json")
         plot_per_class(metrics, out / "per_class.png", f"{cfg.name}: {recipe_label(cfg)}")
@@ -133,35 +134,61 @@ def _class_statistics(cfg: RayltConfig, es: EmbeddingSet, out: Path):
     return gaussians, whiten, stats_file
 
 
-def _posthoc(cfg: RayltConfig, es: EmbeddingSet, head_file: Path) -> dict:
-    """Adds the post-hoc offsets tau f(n_c) to the saved head's bias (raylt.head.posthoc), tau
-    from the config or chosen on the val split; what was done, for metrics.json."""
+def _after_training(cfg: RayltConfig, es: EmbeddingSet, head_file: Path) -> dict:
+    """The saved head's post-hoc offsets (raylt.head.posthoc), then its temperature
+    (raylt.head.calibration), each chosen on the val split and folded into `head.npz`; what
+    was done, for metrics.json."""
     f = offsets(cfg.head.posthoc, es.train_counts)
-    if f is None:
-        return {}
+    needs_val = (f is not None and cfg.head.posthoc_tau is None) or cfg.head.calibrate
+    val = _tuning_split(es) if needs_val else None
+    out = {}
+    if f is not None:
+        out.update(_posthoc(cfg, f, val, head_file))
+    if cfg.head.calibrate:
+        out.update(_calibrate(val, head_file))
+    return out
+
+
+def _tuning_split(es: EmbeddingSet):
+    """(x, y) of the val split, or why settings cannot be chosen on one: choosing on the split
+    that is reported would flatter it."""
+    if es.counts.get("val", np.zeros(1)).sum() == 0 or eval_split(es) == "val":
+        return "off: no val split apart from the evaluation split"
+    return read_split(es, "val")
+
+
+def _posthoc(cfg: RayltConfig, f: np.ndarray, val, head_file: Path) -> dict:
     tau, source = cfg.head.posthoc_tau, "config"
-    if tau is None:
-        if es.counts.get("val", np.zeros(1)).sum() == 0 or eval_split(es) == "val":
-            # Choosing on the split that is reported would flatter it: off, and said so.
-            tau, source = 0.0, "off: no val split apart from the evaluation split"
-            log.info("post-hoc %s offsets off: no val split to choose tau on apart from the evaluation split; "
-                     "set head.posthoc_tau, or add a val split", cfg.head.posthoc)
-        else:
-            x, y = read_split(es, "val")
-            tau, scores = choose_tau(head_logits(load_head(head_file), x), y, f)
-            source = "val"
-            log.info("post-hoc %s offsets: tau %g on the val split (balanced top-1 %.4f, %.4f without)",
-                     cfg.head.posthoc, tau, scores[tau], scores[0.0])
+    if tau is None and isinstance(val, str):
+        tau, source = 0.0, val
+        log.info("post-hoc %s offsets off: no val split to choose tau on apart from the evaluation split; "
+                 "set head.posthoc_tau, or add a val split", cfg.head.posthoc)
+    elif tau is None:
+        tau, scores = choose_tau(head_logits(load_head(head_file), val[0]), val[1], f)
+        source = "val"
+        log.info("post-hoc %s offsets: tau %g on the val split (balanced top-1 %.4f, %.4f without)",
+                 cfg.head.posthoc, tau, scores[tau], scores[0.0])
     add_to_bias(head_file, tau * f)
     return {"posthoc": cfg.head.posthoc, "posthoc_tau": float(tau), "posthoc_from": source}
+
+
+def _calibrate(val, head_file: Path) -> dict:
+    if isinstance(val, str):
+        log.info("temperature off: no val split to fit it on apart from the evaluation split")
+        return {"temperature": 1.0, "temperature_from": val}
+    t = fit_temperature(head_logits(load_head(head_file), val[0]), val[1])
+    divide_logits(head_file, t)
+    log.info("temperature %.3f fitted on the val split", t)
+    return {"temperature": t, "temperature_from": "val"}
 
 
 def _evaluate(es: EmbeddingSet, head_file: Path) -> dict:
     """Metrics of the saved head (what the logged model predicts) on the test split, else val."""
     split = eval_split(es)
     x, y = read_split(es, split)
-    pred = head_logits(load_head(head_file), x).argmax(1)
-    return {**evaluate(pred, y, es.train_counts, es.class_names), "split": split}
+    logits = head_logits(load_head(head_file), x)
+    return {**evaluate(logits.argmax(1), y, es.train_counts, es.class_names), "split": split,
+            "ece": expected_calibration_error(softmax(logits), y)}
 
 
 @contextlib.contextmanager

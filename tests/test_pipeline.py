@@ -26,6 +26,8 @@ def test_default_recipe_beats_the_plain_ce_head_on_few_shot_classes(demo_run):
     # the demo has no val split apart from its test split: no tau is chosen on what is reported
     assert recipe.metrics["posthoc_tau"] == 0.0 and recipe.metrics["posthoc_from"].startswith("off: no val split")
     assert "posthoc" not in baseline.metrics  # the plain head has no offsets
+    assert recipe.metrics["temperature"] == 1.0 and recipe.metrics["temperature_from"].startswith("off")
+    assert 0.0 <= recipe.metrics["ece"] <= 1.0
 
 
 def test_metrics_file_and_mlflow_run_agree(demo_run):
@@ -39,6 +41,7 @@ def test_metrics_file_and_mlflow_run_agree(demo_run):
     run = client.get_run(recipe.run_id)
     assert run.data.metrics["test_overall"] == pytest.approx(on_disk["overall"])
     assert run.data.metrics["test_few"] == pytest.approx(on_disk["few"])
+    assert run.data.metrics["test_ece"] == pytest.approx(on_disk["ece"]) and run.data.metrics["temperature"] == 1.0
     assert run.data.params["sampler.name"] == "gaussian"
     history = client.get_metric_history(recipe.run_id, "train_loss")
     assert [m.step for m in history] == list(range(cfg.train.epochs))  # one per epoch, from rank 0
@@ -124,6 +127,7 @@ def test_fit_command_on_own_embeddings(ray_session, tmp_path):
     assert "| gaussian sampler, logit_adjusted loss |" in out.stdout and "| baseline: CE head, real only |" in out.stdout
     assert (tmp_path / "o" / "baseline" / "metrics.json").is_file()
     assert m["posthoc"] == "count" and m["posthoc_from"] == "val" and m["posthoc_tau"] in TAUS
+    assert m["temperature_from"] == "val" and m["temperature"] > 0 and 0.0 <= m["ece"] <= 1.0
 
 
 def test_fit_refuses_bad_embeddings_in_one_line(tmp_path):

@@ -158,6 +158,7 @@ class HeadConfig:
     posthoc: str = "count"  # registry: none, count, prior: per-class offsets tau f(n_c) added to the bias after training
     # null: tau chosen on the val split's balanced accuracy (0 without a val split apart from the evaluation split)
     posthoc_tau: float | None = None
+    calibrate: bool = True  # divide the logits by a temperature fitted on the val split (probabilities only; top-1 unchanged)
 
 
 @dataclass(frozen=True)

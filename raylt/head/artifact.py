@@ -35,9 +35,20 @@ def save_head(state: dict, kind: str, scale: float, path: Path, num_targets: int
 
 def add_to_bias(path, delta: np.ndarray) -> None:
     """Rewrites `head.npz` with `delta` [C] added to its bias (post-hoc offsets)."""
+    _rewrite(path, lambda a: {"bias": a["bias"].astype(np.float64) + delta})
+
+
+def divide_logits(path, t: float) -> None:
+    """Rewrites `head.npz` so that its logits are divided by `t` (a temperature): weight and
+    bias of a linear head, the scale of a cosine head."""
+    _rewrite(path, lambda a: {"scale": a["scale"] / t} if str(a["kind"]) == "cosine" else
+             {"weight": a["weight"] / t, "bias": a["bias"] / t})
+
+
+def _rewrite(path, change) -> None:
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    arrays["bias"] = (arrays["bias"].astype(np.float64) + delta).astype(np.float32)
+    arrays.update({k: np.asarray(v, dtype=np.float32) for k, v in change(arrays).items()})
     np.savez(path, **arrays)
 
 

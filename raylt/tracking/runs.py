@@ -273,6 +273,8 @@ def log_fit(metrics: dict, out: Path) -> str | None:
     final = {f"test_{k}": metrics[k] for k in ("overall", "many", "medium", "few") if metrics.get(k) is not None}
     final.update({k: v for k, v in metrics["seconds"].items()})
     final.update({k: v for k, v in metrics.items() if k in _COUNTS})
+    final.update({f"test_{k}": metrics[k] for k in ("ece",) if metrics.get(k) is not None})
+    final.update({k: metrics[k] for k in ("posthoc_tau", "temperature") if metrics.get(k) is not None})
     try:
         mlflow.log_metrics({k: float(v) for k, v in final.items()})
         mlflow.log_artifact(str(out / "metrics.json"))
