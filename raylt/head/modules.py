@@ -35,8 +35,9 @@ class WhitenedLinear(nn.Module):
         super().__init__()
         inner = nn.Linear(dim, num_classes)
         self.weight, self.bias = inner.weight, inner.bias
-        self.register_buffer("transform", torch.as_tensor(whiten.transform, dtype=torch.float32))
-        self.register_buffer("mean", torch.as_tensor(whiten.mean, dtype=torch.float32))
+        # Copies (D x D floats): the arrays may be read-only views on Ray's object store.
+        self.register_buffer("transform", torch.tensor(whiten.transform, dtype=torch.float32))
+        self.register_buffer("mean", torch.tensor(whiten.mean, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Whiten whichever side is smaller, the B rows or the C weight rows (B D^2 or C D^2
