@@ -140,21 +140,24 @@ def _after_training(cfg: RayltConfig, es: EmbeddingSet, head_file: Path) -> dict
     was done, for metrics.json."""
     f = offsets(cfg.head.posthoc, es.train_counts)
     needs_val = (f is not None and cfg.head.posthoc_tau is None) or cfg.head.calibrate
-    val = _tuning_split(es) if needs_val else None
+    val = _tuning_split(es, head_file) if needs_val else None
     out = {}
     if f is not None:
         out.update(_posthoc(cfg, f, val, head_file))
+        if isinstance(val, tuple):  # the val logits of the head as now saved, offsets included
+            val = (val[0] + out["posthoc_tau"] * f, val[1])
     if cfg.head.calibrate:
         out.update(_calibrate(val, head_file))
     return out
 
 
-def _tuning_split(es: EmbeddingSet):
-    """(x, y) of the val split, or why settings cannot be chosen on one: choosing on the split
-    that is reported would flatter it."""
+def _tuning_split(es: EmbeddingSet, head_file: Path):
+    """(the saved head's logits on the val split, its labels), or why settings cannot be chosen
+    on one: choosing on the split that is reported would flatter it."""
     if es.counts.get("val", np.zeros(1)).sum() == 0 or eval_split(es) == "val":
         return "off: no val split apart from the evaluation split"
-    return read_split(es, "val")
+    x, y = read_split(es, "val")
+    return head_logits(load_head(head_file), x), y
 
 
 def _posthoc(cfg: RayltConfig, f: np.ndarray, val, head_file: Path) -> dict:
@@ -164,7 +167,7 @@ def _posthoc(cfg: RayltConfig, f: np.ndarray, val, head_file: Path) -> dict:
         log.info("post-hoc %s offsets off: no val split to choose tau on apart from the evaluation split; "
                  "set head.posthoc_tau, or add a val split", cfg.head.posthoc)
     elif tau is None:
-        tau, scores = choose_tau(head_logits(load_head(head_file), val[0]), val[1], f)
+        tau, scores = choose_tau(val[0], val[1], f)
         source = "val"
         log.info("post-hoc %s offsets: tau %g on the val split (balanced top-1 %.4f, %.4f without)",
                  cfg.head.posthoc, tau, scores[tau], scores[0.0])
@@ -176,7 +179,7 @@ def _calibrate(val, head_file: Path) -> dict:
     if isinstance(val, str):
         log.info("temperature off: no val split to fit it on apart from the evaluation split")
         return {"temperature": 1.0, "temperature_from": val}
-    t = fit_temperature(head_logits(load_head(head_file), val[0]), val[1])
+    t = fit_temperature(val[0], val[1])
     divide_logits(head_file, t)
     log.info("temperature %.3f fitted on the val split", t)
     return {"temperature": t, "temperature_from": "val"}
