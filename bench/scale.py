@@ -3,13 +3,13 @@
 Data: CLIP-like embeddings (raylt.testing.simulate) with a long tail the size of iNaturalist 2018's
 train split (`inat_like_profile`: 8,142 classes, 437,513 images, 1,000 down to 2) and 3
 held-out images per class (iNaturalist's val split has 3), written as Parquet shards. The
-run is the real command, `python -m raylt fit --embeddings ... train.epochs=E`, in its own
+run is the real command, `python -m raylt fit --embeddings ...` (the default recipe, or `--epochs E`), in its own
 process on a fresh local Ray: class statistics (Ray reduce), calibration, the Ray Train head
 with synthetic top-up, evaluation, MLflow logging. Peak memory is the machine's (MemTotal -
 MemAvailable, sampled every 0.2 s, the idle level before the run subtracted), so Ray's worker
 processes and shared-memory object store count. Data generation is not timed.
 
-    python bench/scale.py                                   # 8,142 classes, D = 768, 1 epoch
+    python bench/scale.py                                   # 8,142 classes, D = 768, the default recipe
     python bench/scale.py --grid                            # classes 2,036 / 4,071 / 8,142 at D = 768, D 256 / 512 at 2,036
     python bench/scale.py --classes 2036 --dim 512 --epochs 30
 """
@@ -107,13 +107,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--classes", type=int, default=8142)
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, help="head epochs (default: the config's, train.epochs)")
     ap.add_argument("--grid", action="store_true", help="the five sizes of docs/BENCHMARKS.md")
     ap.add_argument("--work", type=Path, default=Path("/tmp/raylt-scale"))
     ap.add_argument("--keep", action="store_true", help="keep the generated embeddings and outputs")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
     sizes = GRID if args.grid else [(args.classes, args.dim)]
+    if args.epochs is None:
+        from raylt.config import load_config
+
+        args.epochs = load_config(None, args.overrides).train.epochs
     print("| classes | D | train rows | eval rows | epochs | stats s | train s | wall s | peak memory GB | top-1 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for classes, dim in sizes:

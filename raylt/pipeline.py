@@ -27,7 +27,7 @@ from raylt.choices import check_names
 from raylt.config import RayltConfig, expand_path, to_dict
 from raylt.embed.inputs import EmbeddingSet, eval_split, open_embeddings, read_split
 from raylt.embed.stage import run_embed
-from raylt.head.artifact import add_to_bias, divide_logits, head_logits, load_head, save_head, softmax
+from raylt.head.artifact import add_to_bias, divide_logits, head_logits, load_head, save_head
 from raylt.head.calibration import expected_calibration_error, fit_temperature
 from raylt.head.evaluate import evaluate, plot_per_class, write_metrics
 from raylt.head.fit_ray import fit_ray
@@ -191,7 +191,7 @@ def _evaluate(es: EmbeddingSet, head_file: Path) -> dict:
     x, y = read_split(es, split)
     logits = head_logits(load_head(head_file), x)
     return {**evaluate(logits.argmax(1), y, es.train_counts, es.class_names), "split": split,
-            "ece": expected_calibration_error(softmax(logits), y)}
+            "ece": expected_calibration_error(logits, y)}
 
 
 @contextlib.contextmanager

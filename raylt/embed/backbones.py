@@ -28,10 +28,10 @@ from raylt.config import BackboneConfig
 from raylt.embed.images import DecodeSpec
 from raylt.errors import BackboneError
 from raylt.ops.hashing import file_sha256
+from raylt.ops.precision import autocast
 from raylt.registry import Registry
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Encoder(Protocol):
@@ -49,13 +49,6 @@ BACKBONES: Registry[Callable[[BackboneConfig], Encoder]] = Registry("backbone")
 
 def build_encoder(cfg: BackboneConfig) -> Encoder:
     return BACKBONES.get(cfg.name)(cfg)
-
-
-def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +115,7 @@ class OpenClipEncoder:
         # uint8 NHWC -> normalised float NCHW on the device: the copy to the GPU stays 4x smaller.
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         x = (x - self.mean) / self.std
-        with _autocast(self.device, precision):
+        with autocast(self.device, precision):
             return _l2(self.model.encode_image(x))
 
 

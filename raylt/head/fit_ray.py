@@ -96,7 +96,8 @@ def train_loop(config: dict) -> None:
     shown = 0.0
     for epoch, st in train_epochs(head, loss_fn, opt, sched, x, y, sampler, syn_counts, cfg.seed, cfg.train,
                                   epochs, rank, world, config["steps"], keep, cfg.selection.every):
-        metrics = {"epoch": epoch, "train_loss": st.loss, "train_real": st.real, "train_synthetic": st.synthetic}
+        metrics = {"epoch": epoch, "train_loss": st.loss, "train_real": st.real, "train_synthetic": st.synthetic,
+                   "train_matmul_bits": 32 if st.precision == "fp32" else 16}
         if rank == 0 and val is not None:
             metrics["val_top1"] = _evaluate_val(plain, val, config.get("num_targets", config["num_classes"]))
         report(plain, opt, sched, epoch, key, metrics, rank)

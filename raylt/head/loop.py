@@ -24,6 +24,7 @@ from raylt.head.whiten import head_whitening
 from raylt.latent.stats import class_moments
 from raylt.latent.sampling import GaussianSampler, shared_tensor, synthetic_counts, worker_labels
 from raylt.ops.optim import adamw_cosine, epoch_generator
+from raylt.ops.precision import autocast, resolve
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class EpochStats:
     real: int
     synthetic: int
     steps: int
+    precision: str = "fp32"  # of the head's matrix products (raylt.ops.precision)
 
 
 def make_optimizer(head: nn.Module, cfg: TrainConfig):
@@ -60,7 +62,10 @@ def run_epoch(
     expected_batches: int,
     batch_size: int,
     generator: torch.Generator,
+    precision: str = "fp32",
 ) -> EpochStats:
+    """One epoch of steps; `precision` a resolved raylt.ops.precision setting for the head's
+    forward (its logits and loss stay float32)."""
     head.train()
     device = next(head.parameters()).device
     syn = torch.as_tensor(syn_labels if sampler is not None else np.zeros(0, np.int64), device=device)
@@ -74,7 +79,9 @@ def run_epoch(
         if not parts_x:
             continue
         bx, by = torch.cat(parts_x).to(device, torch.float32), torch.cat(parts_y).to(device)
-        loss = loss_fn(head(bx), by)
+        with autocast(device, precision):
+            logits = head(bx)
+        loss = loss_fn(logits.float(), by)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -82,7 +89,7 @@ def run_epoch(
         n_real += 0 if x is None else len(x)
         n_syn += len(lab)
         steps += 1
-    return EpochStats(total / max(n_real + n_syn, 1), n_real, n_syn, steps)
+    return EpochStats(total / max(n_real + n_syn, 1), n_real, n_syn, steps, precision)
 
 
 @torch.no_grad()
@@ -126,6 +133,7 @@ def train_epochs(head, loss_fn, opt, sched, x: torch.Tensor, y: torch.Tensor, sa
     is in selection round r), round r = epoch // every covers `every` epochs, and `steps` is a
     list with one count per round.
     """
+    precision = resolve(cfg.precision, x.device)
     for epoch in epochs:
         r = epoch // every if (keep is not None and every) else 0
         xs, ys = (x, y) if keep is None else _round_rows(x, y, keep, r)
@@ -135,7 +143,7 @@ def train_epochs(head, loss_fn, opt, sched, x: torch.Tensor, y: torch.Tensor, sa
         order = torch.randperm(len(ys), device=x.device, generator=gen)
         batches = ((xs[i], ys[i]) for i in order.tensor_split(expected))
         labels = worker_labels(syn_counts, seed, epoch, rank, world)
-        st = run_epoch(head, loss_fn, opt, batches, sampler, labels, expected, cfg.batch_size, gen)
+        st = run_epoch(head, loss_fn, opt, batches, sampler, labels, expected, cfg.batch_size, gen, precision)
         sched.step()
         yield epoch, st
 

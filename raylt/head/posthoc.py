@@ -26,6 +26,7 @@ ADJUSTMENTS.register("count", "bias + tau / n_c: the margin a mean of n_c images
 ADJUSTMENTS.register("prior", "bias - tau log(n_c / N): post-hoc logit adjustment (Menon et al. 2021)")(
     lambda n: -np.log(np.maximum(n, 1) / max(float(np.sum(n)), 1.0)))
 
+_BLOCK = 4096  # rows at a time
 TAUS = (0.0,) + tuple(float(2 ** (k / 2)) for k in range(-4, 15))  # 0, then 0.25 .. 128 by sqrt(2)
 
 
@@ -43,7 +44,12 @@ def balanced_accuracy(pred: np.ndarray, y: np.ndarray, num_classes: int) -> floa
 
 
 def choose_tau(logits: np.ndarray, y: np.ndarray, f: np.ndarray, taus=TAUS) -> tuple[float, dict[float, float]]:
-    """(tau with the best balanced accuracy of argmax(logits + tau f), score of every tau)."""
-    scores = {t: balanced_accuracy((logits + t * f[None]).argmax(1), y, logits.shape[1]) for t in taus}
+    """(tau with the best balanced accuracy of argmax(logits + tau f), score of every tau).
+    Row blocks of `_BLOCK`: the shifted logits of 8,142 classes would be 1.6 GB at once."""
+    def pred(t):
+        return np.concatenate([(logits[s : s + _BLOCK] + t * f[None]).argmax(1) for s in range(0, len(y), _BLOCK)]
+                              or [np.zeros(0, np.int64)])
+
+    scores = {t: balanced_accuracy(pred(t), y, logits.shape[1]) for t in taus}
     best = max(scores.values())
     return min(t for t, s in scores.items() if s == best), scores

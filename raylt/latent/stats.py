@@ -91,7 +91,7 @@ def _truncate(stacked: np.ndarray, rank: int, exact: bool = False) -> np.ndarray
 
 
 _OVERSAMPLE = 10  # extra probe directions of the range finder
-_POWER = 2  # subspace iterations: 2 keep 0.99 of the optimal rank-16 energy on structured embeddings, 0.87 on isotropic noise (docs/BENCHMARKS.md)
+_POWER = 1  # subspace iterations: 1 keeps 0.97-0.98 of the optimal rank-16 energy on structured embeddings at 2/3 of the time of 2 (0.99); the rest goes to the pooled term (docs/BENCHMARKS.md)
 _RANDOMIZED_ABOVE = 3  # blocks with both sides above 3 (rank + oversample) take the range finder
 
 
@@ -120,28 +120,45 @@ def class_sums(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
     return sums
 
 
+_CHUNK_ROWS = 8192  # rows per float64 block of class_moments
+
+
 def class_moments(x: np.ndarray, y: np.ndarray, num_classes: int, rank: int = 16,
                   exact_roots: bool = False) -> ClassMoments:
-    """Moments of one shard: rows sorted by class once, then one block per class. Roots of
-    large classes come from the range finder unless `exact_roots` (`_truncate`)."""
+    """Moments of one shard: rows sorted by class once, then taken in blocks of whole classes
+    of about `_CHUNK_ROWS` rows (a larger class is a block of its own), each cast to float64,
+    centred class by class in place (each class's mean, trace and root from its slice), and
+    added to the pooled scatter in one product.
+
+    Blocks instead of one float64 copy of the shard: the copy was 2.7 GB at iNaturalist size,
+    and at Places-LT size its first touch cost more than the arithmetic. Roots of large classes
+    come from the range finder unless `exact_roots` (`_truncate`)."""
     y = np.asarray(y, dtype=np.int64)
+    x = np.asarray(x)
     order = np.argsort(y, kind="stable")
-    xs = np.asarray(x, dtype=np.float64)[order]
     counts = np.bincount(y, minlength=num_classes).astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    present = np.flatnonzero(counts)
-    d = xs.shape[1]
-    means = np.zeros((num_classes, d))
-    if len(present):
-        means[present] = np.add.reduceat(xs, starts[present], axis=0) / counts[present, None]
-    xs -= np.repeat(means, counts, axis=0)  # centred in place, still sorted by class
-    pooled = xs.T @ xs
-    traces = np.zeros(num_classes)
-    if len(present):
-        traces[present] = np.add.reduceat(np.einsum("nd,nd->n", xs, xs), starts[present])
-    roots = np.zeros((num_classes, rank, d))
-    for c in np.flatnonzero(counts > 1):
-        roots[c] = _truncate(xs[starts[c] : starts[c] + counts[c]], rank, exact_roots)
+    ends = np.cumsum(counts)
+    d = x.shape[1]
+    means, traces = np.zeros((num_classes, d)), np.zeros(num_classes)
+    pooled, roots = np.zeros((d, d)), np.zeros((num_classes, rank, d))
+    lo = 0  # first class of the block
+    while lo < num_classes:
+        hi = max(int(np.searchsorted(ends, ends[lo] - counts[lo] + _CHUNK_ROWS, side="right")), lo + 1)
+        first, last = int(ends[lo] - counts[lo]), int(ends[hi - 1])
+        if last > first:
+            xs = x[order[first:last]].astype(np.float64)  # sorted by class within the block
+            at = 0
+            for c in range(lo, hi):
+                if counts[c]:
+                    seg = xs[at : at + counts[c]]  # a view: centred in place
+                    means[c] = seg.mean(0)
+                    seg -= means[c]
+                    traces[c] = np.einsum("nd,nd->", seg, seg)
+                    if counts[c] > 1:
+                        roots[c] = _truncate(seg, rank, exact_roots)
+                    at += counts[c]
+            pooled += xs.T @ xs
+        lo = hi
     return ClassMoments(counts, means, pooled, roots, traces)
 
 

@@ -58,3 +58,30 @@ def test_train_epochs_use_only_the_rows_of_the_epoch_s_round():
                                                 np.zeros(3, np.int64), 0, cfg, range(4), steps=[1, 2], keep=keep,
                                                 every=2)]
     assert stats == [4, 4, 8, 8]
+
+
+def test_bf16_matrix_products_train_the_same_head_as_fp32():
+    """train.precision: bf16 autocast of the head's forward reaches the fp32 head's top-1 on the
+    same rows, keeps float32 parameters, and is deterministic; auto resolves per device."""
+    import pytest
+
+    from raylt.ops.precision import native_bf16, resolve
+
+    counts = np.array([200] * 4 + [20] * 8)
+    x, y, s = clip_like(counts, 50)
+    tr = s == "train"
+    heads, hits = {}, {}
+    for precision in ("fp32", "bf16", "bf16"):
+        cfg = TrainConfig(epochs=3, batch_size=256, precision=precision)
+        head = fit_local(x[tr], y[tr], counts, None, HeadConfig(), cfg, target=0, seed=0)
+        assert all(p.dtype == torch.float32 for p in head.parameters())
+        pred = predict_logits(head, x[~tr]).argmax(1)
+        if precision in heads:
+            np.testing.assert_array_equal(pred, heads[precision])  # same seed, same head
+        heads[precision], hits[precision] = pred, (pred == y[~tr]).mean()
+    assert abs(hits["bf16"] - hits["fp32"]) < 0.02, hits
+    assert (heads["bf16"] == heads["fp32"]).mean() > 0.95
+    assert resolve("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    assert resolve("fp32", "cpu") == "fp32" and resolve("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        resolve("fp8", "cpu")
