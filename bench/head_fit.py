@@ -69,9 +69,11 @@ def row(name, seconds, r, plain=None, twin=None):
           f"| {r['few']:.4f} | {gaps} |")
 
 
-def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=None):
+def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=None, edit=None):
     """(fit seconds, metrics) of a raylt recipe trained on (x, y) with class counts `counts`;
-    many / medium / few by `groups` (default: `counts`); post-hoc offsets chosen on `val`."""
+    many / medium / few by `groups` (default: `counts`); post-hoc offsets chosen on `val`.
+    `edit(gaussians, moments, whitening, cfg)` replaces the calibrated Gaussians before
+    training (bench/gap_sources.py: what the gap is made of)."""
     import torch
 
     from raylt.head.calibration import expected_calibration_error, fit_temperature
@@ -96,8 +98,11 @@ def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=No
         m = raw if spec.transform == "identity" else class_moments(TRANSFORMS[spec.transform][0](x), y, len(counts),
                                                                      cfg.stats.rank)
         g = spec.build(m, cfg.sampler)
+    whiten = head_whitening(cfg.head, raw) if raw is not None else None
+    if edit is not None:
+        g = edit(g, raw, whiten, cfg)
     head = fit_local(x, y, counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device,
-                     whiten=head_whitening(cfg.head, raw) if raw is not None else None)
+                     whiten=whiten)
     # As the pipeline does after training: the offsets' tau and the temperature from the val split.
     f = offsets(cfg.head.posthoc, counts)
     shift, t = 0.0, 1.0

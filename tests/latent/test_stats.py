@@ -121,3 +121,25 @@ def test_range_finder_roots_are_exact_for_low_rank_classes_and_near_optimal_othe
     kept = (fast.roots[1] ** 2).sum() / (exact.roots[1] ** 2).sum()
     assert 0.96 < kept <= 1.0 + 1e-9  # one power step: 0.97 of the optimal energy on this decaying spectrum
     np.testing.assert_array_equal(fast.roots, class_moments(x, y, 2, rank=16).roots)  # seeded: deterministic
+
+
+def test_merge_into_a_running_total_equals_the_copying_merge():
+    x, y = data(seed=4)
+    half = np.arange(len(y)) % 2 == 0
+    a, b = class_moments(x[half], y[half], 5, rank=6), class_moments(x[~half], y[~half], 5, rank=6)
+    copied = merge(a, b)
+    assert not np.shares_memory(copied.roots, a.roots)
+    total = merge(a, b, into_a=True)
+    assert total.roots is a.roots  # no second C x r x D array
+    for field in ("counts", "means", "pooled", "roots", "traces"):
+        assert np.allclose(getattr(total, field), getattr(copied, field)), field
+
+
+@pytest.mark.parametrize("files,tasks,sizes", [(7, 2, [4, 3]), (3, 8, [1, 1, 1]), (5, 5, [1] * 5), (1, 2, [1])])
+def test_files_are_grouped_one_group_per_task(files, tasks, sizes):
+    from raylt.latent.stats_ray import file_groups
+
+    names = [f"part-{i}" for i in range(files)]
+    groups = file_groups(names, tasks)
+    assert [len(g) for g in groups] == sizes
+    assert sum(groups, []) == names  # every file once, in order
