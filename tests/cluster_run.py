@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # What each stage's Ray work is called in the state API.
 STAGES = {
     "embed": ("actor", lambda a: a.class_name.startswith("MapWorker") and "encode" in a.class_name.lower()),
-    "stats": ("task", lambda t: t.name == "_shard_moments"),
+    "stats": ("task", lambda t: t.name == "_files_moments"),
     "train": ("actor", lambda a: a.class_name == "RayTrainWorker"),
 }
 

@@ -199,6 +199,26 @@ def tree_reduce(items: list, fn):
     return items[0]
 
 
+def streamed_tree(items, fn):
+    """`tree_reduce(list(items), fn)`, the same tree of the same calls, taking the items one at
+    a time: a binary counter keeps one pending result per level (log2 of the count plus one
+    held at once, where the list holds them all), and the levels left at the end fold from
+    the right, as the odd items that tree_reduce passes up do."""
+    stack: list[tuple[int, object]] = []
+    for item in items:
+        level = 0
+        while stack and stack[-1][0] == level:
+            item = fn(stack.pop()[1], item)
+            level += 1
+        stack.append((level, item))
+    if not stack:
+        raise ValueError("no moments to merge")
+    item = stack.pop()[1]
+    while stack:
+        item = fn(stack.pop()[1], item)
+    return item
+
+
 def merge_all(parts: list[ClassMoments]) -> ClassMoments:
     return tree_reduce(list(parts), merge)
 

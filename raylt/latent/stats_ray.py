@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import ray
 
 from raylt.embed.inputs import EmbeddingSet, embedding_dim, open_embeddings, table_arrays
-from raylt.latent.stats import ClassMoments, class_moments, load_moments, merge, save_moments, tree_reduce
+from raylt.latent.stats import (ClassMoments, class_moments, load_moments, merge, save_moments, streamed_tree,
+                                tree_reduce)
 from raylt.latent.transforms import TRANSFORMS
 from raylt.ops.cluster import cluster_cpus
 
@@ -34,32 +35,33 @@ def _shard_moments(path: str, split: str, num_classes: int, rank: int, transform
 
 
 def _files_moments(paths: list[str], split: str, num_classes: int, rank: int, transform=None) -> ClassMoments:
-    """Moments of several files, read one at a time into a running total."""
-    total = None
-    for path in paths:
-        m = _shard_moments(path, split, num_classes, rank, transform)
-        total = m if total is None else merge(total, m, into_a=True)
-        del m
-    return total
+    """Moments of several files, read one at a time and merged in the tree a task per file
+    would have had (`streamed_tree`), each merge into its left side's arrays."""
+    return streamed_tree((_shard_moments(p, split, num_classes, rank, transform) for p in paths),
+                         lambda a, b: merge(a, b, into_a=True))
 
 
 def file_groups(files: list[str], tasks: int) -> list[list[str]]:
-    """`files` in `tasks` contiguous groups of sizes differing by at most one (fewer when
-    there are fewer files)."""
-    k = max(1, min(tasks, len(files)))
-    at = [round(len(files) * i / k) for i in range(k + 1)]
-    return [files[at[i] : at[i + 1]] for i in range(k)]
+    """`files` in at most `tasks` contiguous groups of a power-of-two size (the last may be
+    shorter): aligned so that the pairwise tree over the groups' trees is the pairwise tree
+    over the files, whatever `tasks` is."""
+    size = 1
+    while -(-len(files) // size) > max(tasks, 1):
+        size *= 2
+    return [files[i : i + size] for i in range(0, len(files), size)]
 
 
 def reduce_moments(files: list[str], num_classes: int, rank: int = 16, split: str = "train", transform=None) -> ClassMoments:
-    """Moments of one split of Parquet embedding files: one Ray task per group of files (as
-    many groups as the cluster has CPUs), each merging its files as it reads them, then a
+    """Moments of one split of Parquet embedding files: one Ray task per group of files (at
+    most one group per CPU of the cluster), each merging its files as it reads them, then the
     tree of merges over the groups.
 
     A task per file left every file's moments (C x r x D float64, 0.8 GB at iNaturalist size)
     in the object store at once: the tasks finish before the merges that consume them start,
-    and the store's shared memory stays at its high-water mark for the rest of the run (5.6 GB
-    for 7 files there). Grouped, the store holds one result per CPU. A task's process exits
+    and the store's shared memory stays at its high-water mark for the rest of the run (6 GB
+    for 8 files there). Grouped, the store holds one result per CPU. The merges form the same
+    pairwise tree over the files on any cluster (`file_groups`), and the roots' truncation
+    depends on that tree, so one node and many give the same moments. A task's process exits
     after it (`max_calls=1`), so its gigabytes of private memory do not stay in an idle worker
     while the head trains. `transform` (a picklable function of [N, D] arrays) maps embeddings
     first. The files are read by the tasks, so on a cluster they must be on shared storage.

@@ -135,11 +135,29 @@ def test_merge_into_a_running_total_equals_the_copying_merge():
         assert np.allclose(getattr(total, field), getattr(copied, field)), field
 
 
-@pytest.mark.parametrize("files,tasks,sizes", [(7, 2, [4, 3]), (3, 8, [1, 1, 1]), (5, 5, [1] * 5), (1, 2, [1])])
-def test_files_are_grouped_one_group_per_task(files, tasks, sizes):
+@pytest.mark.parametrize("files,tasks,sizes", [(8, 2, [4, 4]), (7, 2, [4, 3]), (9, 2, [8, 1]), (3, 8, [1, 1, 1]),
+                                             (5, 5, [1] * 5), (1, 2, [1])])
+def test_files_are_grouped_in_aligned_power_of_two_blocks(files, tasks, sizes):
     from raylt.latent.stats_ray import file_groups
 
     names = [f"part-{i}" for i in range(files)]
     groups = file_groups(names, tasks)
     assert [len(g) for g in groups] == sizes
     assert sum(groups, []) == names  # every file once, in order
+
+
+def test_grouped_streamed_merges_form_the_tree_of_a_task_per_file():
+    """The roots' truncation depends on the order of merges: grouping by the cluster's CPUs must
+    not change it, or one node and two would give different moments."""
+    from raylt.latent.stats import streamed_tree, tree_reduce
+    from raylt.latent.stats_ray import file_groups
+
+    def fn(a, b):
+        return f"({a} {b})"
+
+    for n in range(1, 12):
+        names = [str(i) for i in range(n)]
+        whole = tree_reduce(list(names), fn)
+        assert streamed_tree(iter(names), fn) == whole, n
+        for tasks in (1, 2, 3, 4, 16):
+            assert tree_reduce([streamed_tree(g, fn) for g in file_groups(names, tasks)], fn) == whole, (n, tasks)
