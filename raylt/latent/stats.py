@@ -185,25 +185,16 @@ def merge(a: ClassMoments, b: ClassMoments, into_a: bool = False) -> ClassMoment
     return ClassMoments(n, means, pooled, roots, traces)
 
 
-def tree_reduce(items: list, fn):
+def tree_reduce(items, fn):
     """Pairwise tree of `fn` over items: depth, and so rounding, grows with log(len(items)).
+    Level by level it pairs items (0, 1), (2, 3), ... and passes an odd last one up.
 
-    `fn` may be a local merge or a Ray remote one (on object refs); the shape is the same.
-    The list is replaced in place level by level, so no caller keeps a level's object refs
-    alive and Ray frees each level once the next has consumed it.
+    The items are taken one at a time (any iterable): a binary counter keeps one pending
+    result per level, so log2 of the count plus one are held at once, and the levels left at
+    the end fold from the right, as the odd items passed up do. `fn` may be a local merge or
+    a Ray remote one (on object refs); given a generator of refs, no level's refs stay alive
+    once merged, and Ray frees them.
     """
-    if not items:
-        raise ValueError("no moments to merge")
-    while len(items) > 1:
-        items[:] = [fn(items[i], items[i + 1]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
-    return items[0]
-
-
-def streamed_tree(items, fn):
-    """`tree_reduce(list(items), fn)`, the same tree of the same calls, taking the items one at
-    a time: a binary counter keeps one pending result per level (log2 of the count plus one
-    held at once, where the list holds them all), and the levels left at the end fold from
-    the right, as the odd items that tree_reduce passes up do."""
     stack: list[tuple[int, object]] = []
     for item in items:
         level = 0
@@ -220,7 +211,7 @@ def streamed_tree(items, fn):
 
 
 def merge_all(parts: list[ClassMoments]) -> ClassMoments:
-    return tree_reduce(list(parts), merge)
+    return tree_reduce(parts, merge)
 
 
 # ----------------------------------------------------------------------------- artifact

@@ -1,10 +1,10 @@
-"""Ray adapter of the class statistics: a task per embedding file, a tree of merges, and the
-`class_stats-*.npz` cache a fit reuses.
+"""Ray adapter of the class statistics: a task per group of embedding files, a tree of
+merges, and the `class_stats-*.npz` cache a fit reuses.
 
 Input: the Parquet files of an `EmbeddingSet` (on shared storage on a cluster: the tasks read
-them), in one group per CPU. Output: `ClassMoments` of one split (raylt.latent.stats), and for a fit the file
-`<cache>/class_stats-<transform>-r<rank>-<files key>.npz`, written atomically and reused by
-any later fit of the same files, rank and transform.
+them, a group of files per CPU). Output: `ClassMoments` of one split (raylt.latent.stats), and
+for a fit the file `<cache>/class_stats-<transform>-r<rank>-<files key>.npz`, written
+atomically and reused by any later fit of the same files, rank and transform.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raylt.embed.inputs import EmbeddingSet, embedding_dim, open_embeddings, table_arrays
-from raylt.latent.stats import (ClassMoments, class_moments, load_moments, merge, save_moments, streamed_tree,
-                                tree_reduce)
+from raylt.latent.stats import ClassMoments, class_moments, load_moments, merge, save_moments, tree_reduce
 from raylt.latent.transforms import TRANSFORMS
 from raylt.ops.cluster import cluster_cpus
 
@@ -36,8 +35,8 @@ def _shard_moments(path: str, split: str, num_classes: int, rank: int, transform
 
 def _files_moments(paths: list[str], split: str, num_classes: int, rank: int, transform=None) -> ClassMoments:
     """Moments of several files, read one at a time and merged in the tree a task per file
-    would have had (`streamed_tree`), each merge into its left side's arrays."""
-    return streamed_tree((_shard_moments(p, split, num_classes, rank, transform) for p in paths),
+    would have had (`tree_reduce`), each merge into its left side's arrays."""
+    return tree_reduce((_shard_moments(p, split, num_classes, rank, transform) for p in paths),
                          lambda a, b: merge(a, b, into_a=True))
 
 
@@ -71,8 +70,8 @@ def reduce_moments(files: list[str], num_classes: int, rank: int = 16, split: st
     group_task = ray.remote(max_calls=1)(_files_moments).options(scheduling_strategy="SPREAD")
     merge_task = ray.remote(max_calls=1)(merge)
     groups = file_groups(list(files), cluster_cpus())
-    # tree_reduce empties the list level by level: each level's moments are freed once merged.
-    return ray.get(tree_reduce([group_task.remote(g, split, num_classes, rank, transform) for g in groups],
+    # A generator of refs: each group's moments are freed once merged.
+    return ray.get(tree_reduce((group_task.remote(g, split, num_classes, rank, transform) for g in groups),
                                merge_task.remote))
 
 

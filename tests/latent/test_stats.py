@@ -149,15 +149,17 @@ def test_files_are_grouped_in_aligned_power_of_two_blocks(files, tasks, sizes):
 def test_grouped_streamed_merges_form_the_tree_of_a_task_per_file():
     """The roots' truncation depends on the order of merges: grouping by the cluster's CPUs must
     not change it, or one node and two would give different moments."""
-    from raylt.latent.stats import streamed_tree, tree_reduce
+    from raylt.latent.stats import tree_reduce
     from raylt.latent.stats_ray import file_groups
 
     def fn(a, b):
         return f"({a} {b})"
 
+    # Pairs level by level, an odd last item passed up.
+    assert tree_reduce(iter("0123456"), fn) == "(((0 1) (2 3)) ((4 5) 6))"
+    assert tree_reduce(iter("01234"), fn) == "(((0 1) (2 3)) 4)"
     for n in range(1, 12):
         names = [str(i) for i in range(n)]
-        whole = tree_reduce(list(names), fn)
-        assert streamed_tree(iter(names), fn) == whole, n
+        whole = tree_reduce(iter(names), fn)
         for tasks in (1, 2, 3, 4, 16):
-            assert tree_reduce([streamed_tree(g, fn) for g in file_groups(names, tasks)], fn) == whole, (n, tasks)
+            assert tree_reduce([tree_reduce(g, fn) for g in file_groups(names, tasks)], fn) == whole, (n, tasks)
