@@ -100,9 +100,9 @@ def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
         tracking.record_run(cfg, out, run, run_name, stats_file,
                             {"class_names": list(raw.class_names), "backbone": raw.backbone})
         with _timed(times, "train_s"):
-            train_ds, val_ds, info, extra = head_inputs(cfg, es, gaussians, adapter)
+            train, val, info, extra = head_inputs(cfg, es, gaussians, adapter)
             info["whiten"] = whiten
-            state = fit_ray(cfg, train_ds, val_ds, gaussians, info, out, target)
+            state = fit_ray(cfg, train, val, gaussians, info, out, target)
         save_head(state, cfg.head.name, cfg.head.scale, out / "head.npz", num_targets=es.num_classes, adapter=adapter)
         extra.update(_after_training(cfg, raw, out / "head.npz"))
         metrics = {**_evaluate(raw, out / "head.npz"), **extra, "seconds": {k: round(v, 3) for k, v in times.items()}}

@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from raylt.embed.store import is_store, read_manifest, verified_files
 from raylt.errors import DataError
@@ -178,18 +177,26 @@ def read_split(es: EmbeddingSet, split: str, transform=None) -> tuple[np.ndarray
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def ray_dataset(es: EmbeddingSet, split: str):
-    """A Ray dataset of one split, columns `embedding` (float32 tensors) and `label`."""
-    ds = ray.data.read_parquet(list(es.files), columns=["embedding", "label", "split"])
-    ds = ds.filter(expr=f"split == {split!r}")
-    dim = es.dim
-
-    def to_tensor(batch: pa.Table) -> dict:
-        # Arrow's allocator keeps the pages of the batches it decoded: without this, the
-        # worker that read the train split idles through training holding them (0.8 GB
-        # at iNaturalist size). One batch stays held, not the split.
-        pa.default_memory_pool().release_unused()
-        x, y = table_arrays(batch, dim)
-        return {"embedding": x, "label": y}
-
-    return ds.map_batches(to_tensor, batch_format="pyarrow")
+def read_rows(files, dim: int, split: str, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [hi - lo, D] float32, labels) of rows lo..hi of one split, counted in file
+    order: a train worker's shard. Only the files that hold those rows have their embeddings
+    decoded, into one array of the shard's size."""
+    sizes = []
+    for f in files:  # the split column alone first: which files hold the shard
+        m = pc.equal(pq.read_table(f, columns=["split"])["split"], split)
+        sizes.append(int(pc.sum(m).as_py() or 0))
+    hi = sum(sizes) if hi is None else hi
+    x, y = np.empty((max(hi - lo, 0), dim), np.float32), np.empty(max(hi - lo, 0), np.int64)
+    start = 0
+    for f, n in zip(files, sizes):
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            t = pq.read_table(f, columns=["embedding", "label", "split"])
+            fx, fy = table_arrays(t.filter(pc.equal(t["split"], split)).slice(a - start, b - a), dim)
+            x[a - lo : b - lo], y[a - lo : b - lo] = fx, fy
+            del t, fx, fy
+            # Arrow's allocator keeps the pages it decoded: without this, a worker trains
+            # holding them (0.8 GB at iNaturalist size).
+            pa.default_memory_pool().release_unused()
+        start += n
+    return x, y

@@ -1,8 +1,8 @@
 """Ray Train adapter of the head stage: `TorchTrainer` workers run `raylt.head.loop.train_epochs`.
 
-Input: a Ray dataset of real train embeddings (split by rows across workers), optionally a val
-dataset (whole on every worker, scored by rank 0), the calibrated `Gaussians` (an object
-ref) and the config. Output: the head's state dict, from the last checkpoint.
+Input: one `RowSource` of real train embeddings per worker (raylt.head.rows), optionally the
+val split's (read and scored by rank 0), the calibrated `Gaussians` (an object ref) and the
+config. Output: the head's state dict, from the last checkpoint.
 
 Checkpoints (raylt.ops.trainer): rank 0 saves head, optimizer, schedule and epoch every
 epoch; every worker reports each epoch. Re-running with the same output folder resumes from
@@ -13,7 +13,6 @@ silently continued. Per-epoch metrics go to MLflow from rank 0, into the driver'
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -24,15 +23,13 @@ import ray.train.torch
 import torch
 
 from raylt.config import to_dict
-from raylt.errors import RayltError
 from raylt.head.loop import make_optimizer, train_epochs
 from raylt.head.modules import build_head, build_loss
-from raylt.head.rows import cuts
 from raylt.latent.sampling import GaussianSampler
 from raylt.methods.auxiliary import silenced, silencing_mask
 from raylt.methods.recipes import METHODS
 from raylt.ops.hashing import json_key
-from raylt.ops.trainer import quiet_ray, read_shard, report, resume, run_trainer
+from raylt.ops.trainer import load_rows, quiet_ray, report, resume, run_trainer
 from raylt.tracking import log_epoch
 
 log = logging.getLogger(__name__)
@@ -84,14 +81,12 @@ def train_loop(config: dict) -> None:
     if config.get("neighbours") is not None:  # auxiliary classes: the neighbour-silencing loss
         loss_fn = silenced(loss_fn, silencing_mask(np.asarray(config["neighbours"], bool)))
     start = resume(plain, opt, sched, key)
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    # Rank 0 scores the val split every epoch: read once, like the train shard (a streaming
-    # execution per epoch cost seconds each).
-    val = read_shard(ray.train.get_dataset_shard("val"), device)[:2] if config["has_val"] and rank == 0 else None
+    # Rank 0 scores the val split every epoch: read once, like the train rows.
+    val = load_rows(config["val"], device)[:2] if config["val"] is not None and rank == 0 else None
     target = config["tracking"] if rank == 0 else None
     if start >= cfg.train.epochs:
         return  # finished earlier: the result is its last checkpoint
-    x, y, keep = read_shard(shard, device, config["rows"][rank])
+    x, y, keep = load_rows(config["train"][rank], device)
     epochs = range(start, cfg.train.epochs)
     shown = 0.0
     for epoch, st in train_epochs(head, loss_fn, opt, sched, x, y, sampler, syn_counts, cfg.seed, cfg.train,
@@ -117,38 +112,14 @@ def _progress(epoch: int, epochs: int, metrics: dict, shown: float, every: float
     return shown
 
 
-def _split_rows(train_ds, workers: int, batch_size: int, n: int | None = None) -> tuple[dict, int, list[int]]:
-    """One dataset per rank, `train_<rank>`, of N / workers rows each (sizes differ by at most
-    one), the number of steps every rank takes per epoch, and the rows of each rank.
-
-    Ray Train's own split (`streaming_split(equal=True)`) drops up to workers - 1 rows, the
-    same rows every epoch; splitting at row indices keeps them all.
-    """
-    n = train_ds.count() if n is None else n  # known from the embedding set: counting runs the read once more
-    at = cuts(n, workers)
-    parts = train_ds.split_at_indices(at[1:-1]) if workers > 1 else [train_ds]
-    if n // workers == 0:
-        raise RayltError(f"{n} train embeddings cannot feed {workers} train workers; lower train.num_workers")
-    steps = max(1, min(math.ceil(math.ceil(n / workers) / batch_size), n // workers))
-    return {f"train_{r}": p for r, p in enumerate(parts)}, steps, np.diff(at).tolist()
-
-
-def fit_ray(cfg, train_ds, val_ds, gaussians, info: dict, storage: Path, tracking: dict | None) -> dict:
-    """Run the head trainer to completion (or resume it); the head's final state dict."""
+def fit_ray(cfg, train: list, val, gaussians, info: dict, storage: Path, tracking: dict | None) -> dict:
+    """Run the head trainer to completion (or resume it) on one `RowSource` per worker (`train`)
+    and the val split's (or None); the head's final state dict."""
     config = {
         "gaussians": ray.put(gaussians) if gaussians is not None else None,
-        "tracking": tracking, "has_val": val_ds is not None, **info,
+        "tracking": tracking, "train": train, "val": val, **info,
         # The driver's console levels for Ray Train's and Ray Data's own messages (a checkpoint
         # and a report line per epoch, a plan per read): the workers' loggers do not inherit them.
         "ray_log_levels": {n: logging.getLogger(n).getEffectiveLevel() for n in ("ray.train", "ray.data")},
     }
-    if "steps" not in config:
-        datasets, config["steps"], config["rows"] = _split_rows(train_ds, cfg.train.num_workers,
-                                                                cfg.train.batch_size, info.get("train_rows"))
-    else:  # the caller split the rows (rounds of selection)
-        datasets = train_ds
-    if val_ds is not None:
-        datasets["val"] = val_ds
-    return run_trainer(train_loop, config, datasets, cfg, storage, "train", fit_key(cfg))["model"]
-
-
+    return run_trainer(train_loop, config, cfg, storage, "train", fit_key(cfg))["model"]

@@ -4,7 +4,7 @@ Input: an iterator of real (embeddings [B, D], labels [B]) batches, this worker'
 labels for the epoch and a sampler. Each real batch is joined by the next slice of synthetic
 labels, drawn on the spot, so synthetic embeddings are spread evenly over the epoch and
 never materialised; whatever is left after the last real batch forms synthetic-only batches.
-The Ray Train adapter (raylt.head.fit_ray) feeds it Ray Data shards; tests and benchmarks feed
+The Ray Train adapter (raylt.head.fit_ray) feeds it the rows each worker read once (a `RowSource`); tests and benchmarks feed
 it arrays.
 """
 

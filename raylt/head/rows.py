@@ -3,9 +3,10 @@ classes; and the real rows when they are chosen rather than streamed: a selectio
 embeddings per round (raylt.methods.selection), plus auxiliary-class rows (raylt.methods.auxiliary).
 
 Input: train embeddings [N, D] and labels [N] on the driver (selection needs a class's rows
-together), optional auxiliary rows. Output: one Ray dataset per train worker, `train_<rank>`,
-with columns `embedding`, `label` and `keep` (bit r set: the row is in selection round r), and
-the number of steps every rank takes in each round.
+together), optional auxiliary rows. Output: one `RowSource` per train worker: its slice of
+the train split's files, or of the chosen rows' `embedding`, `label` and `keep` (bit r set:
+the row is in selection round r) in the object store; and the number of steps every rank
+takes in each round.
 
 Rows are shuffled once (seeded) before they are cut into worker shards, so that every rank
 sees every class; a row is never dropped. Each round r uses the selector with seed
@@ -20,19 +21,18 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import ray
-from ray.data.extensions import ArrowTensorArray
 
 from raylt.config import RayltConfig, expand_path
 from raylt.embed.backbones import text_embeddings
-from raylt.embed.inputs import EmbeddingSet, open_embeddings, ray_dataset, read_split
+from raylt.embed.inputs import EmbeddingSet, open_embeddings, read_split
 from raylt.errors import ConfigError, RayltError
 from raylt.latent.sampling import synthetic_counts
 from raylt.methods.auxiliary import auxiliary_rows, class_means
 from raylt.methods.bns_artifact import adapter_numpy
 from raylt.methods.recipes import is_on
 from raylt.methods.selection import SELECTORS
+from raylt.ops.trainer import RowSource
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +103,27 @@ def round_steps(rows: TrainRows, workers: int, batch_size: int) -> list[int]:
     return steps
 
 
-def shard_datasets(rows: TrainRows, workers: int) -> dict:
-    """One Ray dataset per rank, `train_<rank>`, from the in-memory rows."""
+def shard_refs(rows: TrainRows, workers: int) -> list[RowSource]:
+    """One row source per rank from the in-memory rows: its slice in the object store."""
     c = cuts(len(rows.y), workers)
-    out = {}
-    for w in range(workers):
-        sl = slice(c[w], c[w + 1])
-        # Ray's tensor column type: workers read it as a [B, D] tensor without a conversion pass.
-        table = pa.table({"embedding": ArrowTensorArray.from_numpy(rows.x[sl]), "label": rows.y[sl],
-                          "keep": rows.keep[sl]})
-        out[f"train_{w}"] = ray.data.from_arrow(table)
-    return out
+    return [RowSource(ref=ray.put((rows.x[c[w]:c[w + 1]], rows.y[c[w]:c[w + 1]], rows.keep[c[w]:c[w + 1]])),
+                      hi=c[w + 1] - c[w]) for w in range(workers)]
+
+
+def file_shards(es: EmbeddingSet, workers: int, batch_size: int) -> tuple[list[RowSource], int]:
+    """One row source per rank over the train split's files (N / workers rows each, sizes
+    differing by at most one; no row is dropped) and the steps every rank takes per epoch."""
+    n = int(es.train_counts.sum())
+    if n // workers == 0:
+        raise RayltError(f"{n} train embeddings cannot feed {workers} train workers; lower train.num_workers")
+    c = cuts(n, workers)
+    steps = max(1, min(math.ceil(math.ceil(n / workers) / batch_size), n // workers))
+    return [RowSource(es.files, es.dim, "train", c[w], c[w + 1]) for w in range(workers)], steps
 
 
 def head_inputs(cfg: RayltConfig, es: EmbeddingSet, gaussians, adapter: dict | None):
     """(train datasets, val dataset, trainer info, metrics) of the head stage: the real rows
-    (streamed, or chosen by a selector and joined by auxiliary rows), the synthetic budget per
+    (read by each worker from the files, or chosen by a selector and joined by auxiliary rows), the synthetic budget per
     class, and the head's classes (targets, then auxiliary)."""
     rows, aux, extra = _chosen_rows(cfg, es, adapter)
     c, names = es.num_classes, list(es.class_names) + list(aux.names if aux else ())
@@ -131,19 +136,17 @@ def head_inputs(cfg: RayltConfig, es: EmbeddingSet, gaussians, adapter: dict | N
     init = None
     if cfg.head.text_init:
         init = text_embeddings(cfg.backbone, names)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic runs
-    val_ds = ray_dataset(es, "val") if es.counts.get("val", np.zeros(1)).sum() > 0 else None
+    val = RowSource(es.files, es.dim, "val") if es.counts.get("val", np.zeros(1)).sum() > 0 else None
     info = {"dim": es.dim, "num_classes": len(names), "num_targets": c, "init": init, "syn_counts": syn.tolist(),
             "train_counts": real.tolist(), "neighbours": aux.neighbours.tolist() if aux else None}
     if rows is not None:
-        train_ds = shard_datasets(rows, cfg.train.num_workers)
+        train = shard_refs(rows, cfg.train.num_workers)
         info["steps"] = round_steps(rows, cfg.train.num_workers, cfg.train.batch_size)
-        info["rows"] = np.diff(cuts(len(rows.y), cfg.train.num_workers)).tolist()
     else:
-        train_ds = ray_dataset(es, "train")
-        info["train_rows"] = int(es.train_counts.sum())
+        train, steps = file_shards(es, cfg.train.num_workers, cfg.train.batch_size)
+        info["steps"] = steps
     extra.update(real_per_epoch=int(real.sum()), synthetic_per_epoch=int(syn.sum()))
-    return train_ds, val_ds, info, extra
+    return train, val, info, extra
 
 
 def _chosen_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None):

@@ -26,13 +26,13 @@ import ray.train.torch
 import torch
 
 from raylt.config import to_dict
-from raylt.embed.inputs import EmbeddingSet, open_embeddings, ray_dataset, table_arrays
+from raylt.embed.inputs import EmbeddingSet, open_embeddings, table_arrays
 from raylt.embed.store import embedding_table
 from raylt.methods.bns import ResidualAdapter, adapter_epoch, adapter_optimizer, adapter_params, adapter_steps
 from raylt.methods.bns_artifact import adapter_numpy, load_adapter, save_adapter
 from raylt.ops.hashing import json_key
 from raylt.ops.optim import epoch_generator
-from raylt.ops.trainer import read_shard, report, resume, run_trainer
+from raylt.ops.trainer import RowSource, load_rows, report, resume, run_trainer
 from raylt.tracking import log_epoch
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def adapter_loop(config: dict) -> None:
     start = resume(plain, opt, sched, config["key"])
     if start >= acfg.epochs:
         return
-    x, y, _ = read_shard(ray.train.get_dataset_shard("train"), device)
+    x, y, _ = load_rows(config["rows"], device)
     y_np = y.cpu().numpy()
     steps = adapter_steps(len(y_np), acfg, world)
     target = config["tracking"] if rank == 0 else None
@@ -79,8 +79,8 @@ def adapt(cfg, es: EmbeddingSet, es_key: str, out: Path, tracking: dict | None) 
         log.info("adapted embeddings reused from %s", folder)
         return open_embeddings(folder, str(folder / "classnames.txt")), load_adapter(done)
     t0 = time.perf_counter()
-    state = run_trainer(adapter_loop, {"dim": es.dim, "tracking": tracking}, {"train": ray_dataset(es, "train")},
-                        cfg, out, "adapter", key)
+    rows = RowSource(es.files, es.dim, "train", 0, int(es.train_counts.sum()))
+    state = run_trainer(adapter_loop, {"dim": es.dim, "tracking": tracking, "rows": rows}, cfg, out, "adapter", key)
     module = ResidualAdapter(es.dim, cfg.adapter.hidden)
     module.load_state_dict(state["model"])
     params = adapter_params(module)
