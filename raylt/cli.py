@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from raylt import __version__
@@ -230,13 +231,23 @@ def console(quiet: bool, verbose: bool) -> None:
     progress bars only with -v (each stage logs its own progress); with -q, warnings and results."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from raylt.ops.console import set_verbose
+
+    set_verbose(verbose)
     if not verbose:
         # Ray Data's bars redraw hundreds of lines per stage, and its plan reports repeat per stage.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data sets its level when imported
-        for name in ("ray.data", "ray.tune", "ray.train"):
+        # MLflow's and its database migrations' INFO lines are theirs, not raylt's. MLflow sets
+        # its loggers' level when imported, from this variable; Ray's: raylt.ops.console.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name in ("ray.data", "ray.tune", "ray.train", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we chose so
+        # Libraries' deprecation notices speak to raylt's developers, not its users.
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
 
 
 def build_parser() -> argparse.ArgumentParser:

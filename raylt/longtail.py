@@ -8,9 +8,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from raylt.errors import DataError
+
 MANY_ABOVE = 100
 FEW_BELOW = 20
 GROUPS = ("many", "medium", "few")
+
+
+def classes_of_labels(labels: np.ndarray, where: str) -> int:
+    """C for labels that are class indices 0..C-1 with no class names to count them: max + 1.
+    C sizes every per-class array (counts, means, the head's rows), so a stray label of
+    1,000,000,000 would allocate for a billion classes: C may be at most ten times the labels
+    in use plus 1,000, else a one-line error naming `where`."""
+    labels = np.asarray(labels)
+    num = int(labels.max()) + 1 if len(labels) else 0
+    used = len(np.unique(labels))
+    if num > 10 * used + 1000:
+        raise DataError(f"{where} have label {num - 1} but only {used} distinct labels; labels are class indices "
+                        "0..C-1: remap them, or give a class names file naming every class")
+    return num
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:

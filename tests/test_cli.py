@@ -81,7 +81,7 @@ def test_embed_demo_writes_a_reusable_store_and_logs_an_mlflow_run(tmp_path):
                   "embed.batch_size=100")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "embeddings: 877 (D=768), skipped: 0" in first.stdout
-    assert "shard 14/14 written" in first.stderr  # progress is shown
+    assert "embedded: 877/877 images" in first.stderr and "14/14 shards written" in first.stderr  # progress
     store = Path(first.stdout.splitlines()[0].removeprefix("store: "))
     assert (store / "manifest.json").is_file() and store.parent == tmp_path / "store"
     run_id = first.stdout.strip().splitlines()[-1].split()[2]

@@ -113,15 +113,24 @@ def test_fit_command_on_own_embeddings(ray_session, tmp_path):
     counts = np.array([120] * 4 + [30] * 4 + [3] * 8)
     x, y, s = clip_like(counts, 20, splits=("val", "test"))
     write_parquet(x, y, s, tmp_path / "emb" / "part-0.parquet", [f"kind {i}" for i in range(16)])
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)  # as a user's shell has it
     out = subprocess.run(
-        [sys.executable, "-m", "raylt", "-q", "fit", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "o"),
+        [sys.executable, "-m", "raylt", "fit", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "o"),
          "--class-names", str(tmp_path / "emb" / "classnames.txt"), "--baseline", "train.epochs=3",
          # joins the session's Ray: a second Ray on the same cores would double the start-up
-         "tracking.enabled=false", f"ray.address={ray_session.get_runtime_context().gcs_address}"],
+         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"ray.address={ray_session.get_runtime_context().gcs_address}"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # The whole console at default verbosity: raylt's own lines, each once (raylt.ops.console).
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert 10 <= len(lines) <= 40, "\n".join(lines)
+    assert len(set(lines)) == len(lines), "\n".join(lines)
+    forbidden = ("pid=", "core_worker", "Warning", "WARNING", "PlacementGroupCleaner", "State API", "worker.py:",
+                 "mlflow.store", "Progress bars", "Created version", "Traceback")
+    assert not [ln for ln in lines if any(f in ln for f in forbidden)], "\n".join(lines)
+    assert sum(ln.startswith("epoch 3/3: train loss") for ln in lines) == 2  # the recipe's and the baseline's
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["class_names"][:2] == ["kind 0", "kind 1"] and m["num_test"] == 16 * 20 and m["split"] == "test"
     assert "| gaussian sampler, logit_adjusted loss |" in out.stdout and "| baseline: CE head, real only |" in out.stdout

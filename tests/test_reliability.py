@@ -136,6 +136,18 @@ def test_bad_split_file_is_refused_in_one_line(tmp_path, case):
     assert message in one_line(e)
 
 
+def test_a_split_file_label_that_would_size_arrays_is_refused_without_class_names(tmp_path):
+    from raylt.data import load_source
+
+    (tmp_path / "train.txt").write_text("a/0.jpg 0\nb/0.jpg 1\nc/0.jpg 1000000000\n")
+    cfg = DataConfig(source="split_file", root=str(tmp_path / "images"), split_dir=str(tmp_path),
+                     splits={"train": "train.txt"})
+    with pytest.raises(DataError) as e:
+        load_source(cfg)
+    assert "have label 1000000000 but only 3 distinct labels; labels are class indices" in one_line(e)
+    assert "train.txt" in one_line(e)
+
+
 def test_split_file_paths_may_leave_the_root_only_when_allowed(tmp_path):
     from raylt.data import load_source
 
@@ -188,6 +200,15 @@ def _emb_case(case: str, d: Path) -> Path:
         return _emb_file(d / "e.parquet", pa.array([["a"] * 4] * 6), y)
     if case == "no_train_split":
         return _emb_file(d / "e.parquet", _fixed(x), y, ["test"] * 6)
+    if case == "zero_rows":
+        x[[2, 4]] = 0
+        return _emb_file(d / "e.parquet", _fixed(x), y)
+    if case == "all_zero":
+        return _emb_file(d / "e.parquet", _fixed(np.zeros_like(x)), y)
+    if case == "one_vector":
+        return _emb_file(d / "e.parquet", _fixed(np.ones_like(x)), y)
+    if case == "label_sizes_arrays":
+        return _emb_file(d / "e.parquet", _fixed(x), [0, 0, 1, 1, 1_000_000_000, 1])
     raise KeyError(case)
 
 
@@ -202,6 +223,10 @@ EMB_CASES = {
     "negative_labels": "have negative labels \\(e.g. -2\\)",
     "strings_as_embeddings": "column 'embedding' of .* not a list of floats",
     "no_train_split": "have no 'train' split",
+    "zero_rows": "2 of 6 row\\(s\\) are all zeros \\(first: row 2\\)",
+    "all_zero": "6 of 6 row\\(s\\) are all zeros",
+    "one_vector": "all 6 rows are the same vector",
+    "label_sizes_arrays": "have label 1000000000 but only 3 distinct labels; labels are class indices",
 }
 
 
@@ -218,7 +243,7 @@ def test_bad_embeddings_are_refused_in_one_line(tmp_path, case):
 def test_labels_beyond_the_class_names_file_are_refused(tmp_path):
     from raylt.embed.inputs import open_embeddings
 
-    x = np.zeros((3, 2), np.float32) + 1
+    x = np.arange(6, dtype=np.float32).reshape(3, 2) + 1
     f = _emb_file(tmp_path / "e.parquet", _fixed(x), [0, 1, 2])
     (tmp_path / "names.txt").write_text("cat\ndog\n")
     with pytest.raises(DataError) as e:
@@ -245,6 +270,14 @@ def test_yaml_is_loaded_safely_so_a_config_cannot_run_code(tmp_path):
     ("train.epochs=0", "config key 'train.epochs' on the command line must be >= 1, got 0"),
     ("sampler.kappa=-1", "config key 'sampler.kappa' on the command line must be >= 0"),
     ("data.splits=[a, b]", "config key 'data.splits' on the command line must be a mapping"),
+    ("sampler.target=1000000000000", "config key 'sampler.target' on the command line must be <= 1,000,000, got "
+                                     "1,000,000,000,000"),
+    ("stats.rank=100000", "config key 'stats.rank' on the command line must be <= 1,024"),
+    ("train.batch_size=99999999999", "config key 'train.batch_size' on the command line must be <= 16,777,216"),
+    ("name=../../tmp/x", "config key 'name' on the command line must be one folder name"),
+    ("name=a/b", "config key 'name' on the command line must be one folder name"),
+    ("name=..", "config key 'name' on the command line must be one folder name"),
+    ("name=.hidden", "config key 'name' on the command line must be one folder name"),
 ])
 def test_out_of_range_and_wrongly_shaped_values_are_refused(override, message):
     with pytest.raises(ConfigError) as e:

@@ -169,10 +169,22 @@ def _build(cls, tree: Mapping, origin: Mapping[str, str], prefix: str):
         if f.name in tree:
             key = prefix + f.name
             kwargs[f.name] = value = _convert(hints[f.name], tree[f.name], key, origin)
-            low = f.metadata.get("min")
-            if low is not None and value is not None and value < low:
-                raise ConfigError(f"config key {key!r} {_in(origin, key)} must be >= {low}, got {value!r}")
+            _check_bounds(f.metadata, value, key, origin)
     return cls(**kwargs)
+
+
+def _check_bounds(meta: Mapping, value, key: str, origin: Mapping[str, str]) -> None:
+    """A field's `min` / `max` (raylt.config.schema._min) and `pattern`, in one line each."""
+    if value is None:
+        return
+    low, high, pattern = meta.get("min"), meta.get("max"), meta.get("pattern")
+    if low is not None and value < low:
+        raise ConfigError(f"config key {key!r} {_in(origin, key)} must be >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"config key {key!r} {_in(origin, key)} must be <= {high:,}, got {value:,}")
+    if pattern is not None and not re.fullmatch(pattern, value):
+        raise ConfigError(f"config key {key!r} {_in(origin, key)} must be one folder name (letters, digits, . _ + -, "
+                          f"not starting with . or containing /), got {value!r}")
 
 
 def _convert(tp, value, key: str, origin: Mapping[str, str]):

@@ -78,9 +78,9 @@ def _table(cls, prefix: str) -> list[str]:
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             continue
-        low = f.metadata.get("min")
+        low, high = f.metadata.get("min"), f.metadata.get("max")
         what = notes.get(f.name, "").replace("|", "\\|")
-        bound = f" (at least {low})" if low is not None else ""
+        bound = (f" ({low:,} to {high:,})" if high is not None else f" (at least {low})") if low is not None else ""
         rows.append(f"| `{prefix}{f.name}` | {type_name(hints[f.name])} | {_default(f)} | {what}{bound} |")
     return rows
 

@@ -82,15 +82,22 @@ class TrackingConfig:
     registered_model: str | None = None  # register each fit's model under this name: models:/<name>/<version>
 
 
-def _min(v: float) -> dict:
-    return {"min": v}
+def _min(v: float, most: float | None = None) -> dict:
+    """Bounds of a number: `most` on the values that size arrays or loops, so that a typo
+    (`sampler.target=1000000000000`) is a one-line error, not an allocation that fails deep
+    inside a worker."""
+    return {"min": v, "max": most}
+
+
+# A run's `name` becomes a folder under train.output_dir and an MLflow experiment: one path part.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
 
 
 @dataclass(frozen=True)
 class StatsConfig:
     """Per-class latent statistics (raylt.latent.stats)."""
 
-    rank: int = field(default=16, metadata=_min(1))  # low-rank part kept per class: C x rank x D floats
+    rank: int = field(default=16, metadata=_min(1, 1024))  # low-rank part kept per class: C x rank x D floats
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,9 @@ class SamplerConfig:
     """Synthetic embeddings (raylt.latent.sampling; `raylt list` shows the samplers)."""
 
     name: str = "gaussian"  # registry: none, gaussian, free_lunch
-    target: int = field(default=100, metadata=_min(0))  # every class topped up to this many per epoch (default: bench/head_fit.py)
+    target: int = field(default=100, metadata=_min(0, 1_000_000))  # every class topped up to this many per epoch (default: bench/head_fit.py)
     kappa: float = field(default=20.0, metadata=_min(0))  # shrinkage lambda_c = n_c / (n_c + kappa)
-    neighbours: int = field(default=5, metadata=_min(1))  # nearest classes a covariance borrows from
+    neighbours: int = field(default=5, metadata=_min(1, 1000))  # nearest classes a covariance borrows from
     eps: float = field(default=0.05, metadata=_min(0))  # ridge, x mean within-class variance (free_lunch: alpha)
     base_min: int = field(default=20, metadata=_min(2))  # free_lunch: base classes have at least this many
 
@@ -110,7 +117,7 @@ class SelectionConfig:
     """Which real embeddings of large classes the head trains on (raylt.methods.selection)."""
 
     name: str = "none"  # registry: none, random_cap, ip_dpp
-    k: int = field(default=200, metadata=_min(1))  # at most k real embeddings per class
+    k: int = field(default=200, metadata=_min(1, 10_000_000))  # at most k real embeddings per class
     every: int = field(default=0, metadata=_min(0))  # re-select every N epochs with a new seed; 0: once
 
 
@@ -120,9 +127,9 @@ class AdapterConfig:
 
     name: str = "none"  # registry: none, bns
     batches: str = "instance"  # registry: instance (anchors as they come), balanced (classes drawn uniformly)
-    hidden: int = field(default=512, metadata=_min(1))
-    epochs: int = field(default=5, metadata=_min(1))
-    batch_size: int = field(default=256, metadata=_min(2))
+    hidden: int = field(default=512, metadata=_min(1, 65536))
+    epochs: int = field(default=5, metadata=_min(1, 100_000))
+    batch_size: int = field(default=256, metadata=_min(2, 1 << 24))
     per_class: int = field(default=4, metadata=_min(2))  # balanced batches: rows per class (batch_size / per_class classes)
     lr: float = field(default=1e-4, metadata=_min(0))  # defaults from bench/ablation.py: 1e-3 or 10 epochs over-fit
     temperature: float = field(default=0.1, metadata=_min(1e-6))
@@ -138,11 +145,11 @@ class AuxiliaryConfig:
     embeddings: str | None = None  # Parquet file, folder or store of the auxiliary corpus; null: off
     class_names: str | None = None  # its class names, one per line (else its manifest's)
     match: str = "text"  # registry: text (CLIP text embeddings of the names), mean (class-mean embeddings)
-    neighbours: int = field(default=2, metadata=_min(1))  # auxiliary classes per target class
-    tail_neighbours: int = field(default=4, metadata=_min(1))  # ... per class with fewer than tail_below images
+    neighbours: int = field(default=2, metadata=_min(1, 1000))  # auxiliary classes per target class
+    tail_neighbours: int = field(default=4, metadata=_min(1, 1000))  # ... per class with fewer than tail_below images
     tail_below: int = field(default=20, metadata=_min(1))
     synonym: float = 0.9  # similarity at or above which two names are one concept: the auxiliary class is dropped
-    per_class: int = field(default=100, metadata=_min(1))  # images kept per auxiliary class
+    per_class: int = field(default=100, metadata=_min(1, 10_000_000))  # images kept per auxiliary class
 
 
 @dataclass(frozen=True)
@@ -167,15 +174,15 @@ class TrainConfig:
 
     # Defaults from bench/head_fit.py: the whitened head converges in 4 epochs of 1,024-row steps
     # (a fifth adds 0.2-0.4 points of top-1 for a quarter more time).
-    epochs: int = field(default=4, metadata=_min(1))
-    batch_size: int = field(default=1024, metadata=_min(1))  # real embeddings per step and worker
+    epochs: int = field(default=4, metadata=_min(1, 100_000))
+    batch_size: int = field(default=1024, metadata=_min(1, 1 << 24))  # real embeddings per step and worker
     lr: float = field(default=0.1, metadata=_min(0))  # AdamW, cosine schedule
     weight_decay: float = field(default=1e-4, metadata=_min(0))
     # The head's matrix products under autocast (raylt.ops.precision); parameters, optimiser
     # and loss stay float32. auto: bf16 where the device multiplies it natively (CUDA, or a
     # CPU with AVX512-BF16 / AMX: twice as fast at the same top-1, bench/head_fit.py), else fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_workers: int = field(default=1, metadata=_min(1))
+    num_workers: int = field(default=1, metadata=_min(1, 4096))
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = field(default=0.5, metadata=_min(0))  # below 1 so Ray Data keeps a CPU
     threads_per_worker: int = field(default=0, metadata=_min(0))  # torch threads; 0 = node CPUs / workers on it
@@ -190,7 +197,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RayltConfig:
-    name: str = "raylt"  # the experiment: output folder <train.output_dir>/<name>, MLflow experiment
+    # The experiment: output folder <train.output_dir>/<name> and MLflow experiment; letters,
+    # digits and . _ + - (no path separator, no leading dot), at most 128 characters.
+    name: str = field(default="raylt", metadata={"pattern": NAME_PATTERN})
     seed: int = 0  # head initialisation, shuffling and the synthetic stream
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

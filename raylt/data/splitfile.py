@@ -15,6 +15,7 @@ from raylt.data.classnames import read_class_names
 from raylt.data.lists import parse_list
 from raylt.data.source import SOURCES, Source, apply_longtail, make_source
 from raylt.errors import ConfigError, DataError
+from raylt.longtail import classes_of_labels
 
 
 def parse_split_file(path: Path, allow_outside_root: bool = False) -> tuple[list[str], np.ndarray]:
@@ -65,7 +66,7 @@ def load_split_files(cfg: DataConfig) -> Source:
                 f"({num_classes} names in {names_file})"
             )
     else:
-        num_classes = int(labels.max()) + 1
+        num_classes = classes_of_labels(labels, "split files " + ", ".join(map(str, files.values())))
         names = [str(c) for c in range(num_classes)]
     keep = apply_longtail(rel_paths, labels, splits, cfg, num_classes)
     ids = [f"{splits[i]}/{rel_paths[i]}" for i in keep]

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from raylt.embed.store import is_store, read_manifest, verified_files
 from raylt.errors import DataError
+from raylt.longtail import classes_of_labels
 
 log = logging.getLogger(__name__)
 REQUIRED = ("embedding", "label", "split")
@@ -106,6 +107,13 @@ def _check_values(f: Path, dim: int) -> None:
     if bad.size:
         raise DataError(f"embeddings file {f}: {bad.size} row(s) hold NaN or infinite values (first: row {int(bad[0])}); "
                         "drop or recompute them")
+    zero = np.flatnonzero(~x.any(axis=1))
+    if zero.size:  # an image's embedding is never the zero vector: a failed or placeholder row
+        raise DataError(f"embeddings file {f}: {zero.size} of {len(x)} row(s) are all zeros (first: row {int(zero[0])}); "
+                        "drop or recompute them")
+    if len(x) > 1 and not (x != x[0]).any():
+        raise DataError(f"embeddings file {f}: all {len(x)} rows are the same vector; these are not embeddings of "
+                        "different images: recompute them")
 
 
 def open_embeddings(path, class_names_file: str | None = None) -> EmbeddingSet:
@@ -128,7 +136,9 @@ def open_embeddings(path, class_names_file: str | None = None) -> EmbeddingSet:
     y, s = np.concatenate(labels), np.concatenate(splits)
     if len(y) and y.min() < 0:
         raise DataError(f"embeddings under {path} have negative labels (e.g. {int(y.min())}); labels are 0..C-1")
-    names = _class_names(manifest, class_names_file, int(y.max()) + 1 if len(y) else 0, path)
+    named = class_names_file or (manifest and manifest.get("class_names"))
+    num_labels = int(y.max()) + 1 if named and len(y) else classes_of_labels(y, f"embeddings under {path}")
+    names = _class_names(manifest, class_names_file, num_labels, path)
     counts = {sp: np.bincount(y[s == sp], minlength=len(names)) for sp in sorted(set(s))}
     if "train" not in counts:
         raise DataError(f"embeddings under {path} have no 'train' split (splits: {sorted(counts)})")

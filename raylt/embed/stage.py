@@ -27,6 +27,7 @@ from raylt.embed.images import decode_batch
 from raylt.embed.store import EmbeddingStore
 from raylt.errors import DataError
 from raylt.ops.cluster import cluster_cpus, cluster_gpus, init_ray
+from raylt.ops.console import Progress
 
 log = logging.getLogger(__name__)
 
@@ -163,22 +164,24 @@ def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_ba
     Every shard with an unread image is pending, so this run sees all skips of the store.
     Returns the rows done and the seconds until the first batch arrived (start-up).
     """
-    t0, done, skipped, warmup = time.perf_counter(), 0, [], None
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ok, errors = usable_rows(batch)
-        if warmup is None:
-            warmup = time.perf_counter() - t0
-        written = store.add(
-            batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], errors
-        )
-        done += len(ok)
-        for k in written:
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            log.info("shard %d/%d written; %d/%d images, %.0f images/s", k + 1, store.num_shards, done, n_rows, rate)
-        # Checked after the shards this batch completed are written, so they are kept.
-        skipped += [{"id": i, "error": e} for i, e in zip(batch["id"][~ok], errors[~ok])]
-        if msg := _too_many_bad(skipped, total, max_bad_fraction):
-            raise DataError(msg)
+    t0, done, skipped, warmup, shards = time.perf_counter(), 0, [], None, 0
+    progress = Progress("embedded", n_rows, "images", log)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ok, errors = usable_rows(batch)
+            if warmup is None:
+                warmup = time.perf_counter() - t0
+            written = store.add(
+                batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], errors
+            )
+            done, shards = done + len(ok), shards + len(written)
+            progress.update(done, f"{shards}/{store.num_shards} shards written")
+            # Checked after the shards this batch completed are written, so they are kept.
+            skipped += [{"id": i, "error": e} for i, e in zip(batch["id"][~ok], errors[~ok])]
+            if msg := _too_many_bad(skipped, total, max_bad_fraction):
+                raise DataError(msg)
+    finally:
+        progress.close()
     return done, warmup or 0.0
 
 

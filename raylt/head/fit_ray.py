@@ -29,6 +29,7 @@ from raylt.latent.sampling import GaussianSampler
 from raylt.methods.auxiliary import silenced, silencing_mask
 from raylt.methods.recipes import METHODS
 from raylt.ops.hashing import json_key
+from raylt.ops.console import worker_line
 from raylt.ops.trainer import load_rows, quiet_ray, report, resume, run_trainer
 from raylt.tracking import log_epoch
 
@@ -107,7 +108,7 @@ def _progress(epoch: int, epochs: int, metrics: dict, shown: float, every: float
     now = time.monotonic()
     if epoch in (0, epochs - 1) or now - shown >= every:
         val = f", val top-1 {metrics['val_top1']:.4f}" if "val_top1" in metrics else ""
-        print(f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f}{val}", flush=True)
+        worker_line(f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f}{val}")
         return now
     return shown
 
@@ -122,4 +123,4 @@ def fit_ray(cfg, train: list, val, gaussians, info: dict, storage: Path, trackin
         # and a report line per epoch, a plan per read): the workers' loggers do not inherit them.
         "ray_log_levels": {n: logging.getLogger(n).getEffectiveLevel() for n in ("ray.train", "ray.data")},
     }
-    return run_trainer(train_loop, config, cfg, storage, "train", fit_key(cfg))["model"]
+    return run_trainer(train_loop, config, cfg, storage, "train", fit_key(cfg), cfg.train.epochs)["model"]

@@ -8,6 +8,7 @@ import os
 import ray
 
 from raylt.config import RayConfig
+from raylt.ops.console import ray_logging_level, route_worker_logs
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def init_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_logging_level())
     else:
         ray.init(
             address="local",
@@ -31,7 +32,9 @@ def init_ray(cfg: RayConfig) -> None:
             object_store_memory=cfg.object_store_memory,
             include_dashboard=False,
             log_to_driver=True,
+            logging_level=ray_logging_level(),
         )
+    route_worker_logs()
 
 
 def cluster_gpus() -> int:

@@ -33,6 +33,8 @@ from raylt.embed.inputs import read_rows  # noqa: E402
 from raylt.errors import RayltError  # noqa: E402
 from raylt.ops.cluster import worker_threads  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 
 def quiet_ray(levels: dict[str, int]) -> None:
     """Ray's worker loggers at the driver's levels; Ray Train V2 names the one that logs every
@@ -110,12 +112,12 @@ def report(module, opt, sched, epoch: int, key: str, metrics: dict, rank: int) -
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def previous_key(run_dir: Path) -> str | None:
-    """The config key of the newest checkpoint of an earlier run in this folder, if any."""
+def newest_state(run_dir: Path) -> dict | None:
+    """The state of the newest checkpoint of an earlier run in this folder, if any."""
     states = sorted(run_dir.glob("checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
     if not states:
         return None
-    return torch.load(states[-1], map_location="cpu", weights_only=True)["key"]
+    return torch.load(states[-1], map_location="cpu", weights_only=True)
 
 
 def with_threads(loop):
@@ -149,16 +151,20 @@ def fit_interruptible(trainer):
             signal.signal(signal.SIGINT, previous)
 
 
-def run_trainer(loop, config: dict, cfg, storage: Path, name: str, key: str) -> dict:
+def run_trainer(loop, config: dict, cfg, storage: Path, name: str, key: str, epochs: int) -> dict:
     """`TorchTrainer` over `loop` with the config's scaling, checkpoints under `storage/name`;
     the state of its last checkpoint. A folder holding checkpoints of another config is refused
-    before Ray Train starts, and a finished run is not trained again."""
-
-    previous = previous_key(storage / name)
-    if previous not in (None, key):
+    before Ray Train starts, and a run whose checkpoint has all `epochs` is not started again
+    (Ray Train's controller and worker group would take 15-20 s to hand back that checkpoint)."""
+    previous = newest_state(storage / name)
+    if previous is not None and previous["key"] != key:
         raise RayltError(
             f"{storage} holds checkpoints of a different config; pass another `name` (or --out) to start a new run"
         )
+    if previous is not None and int(previous["epoch"]) + 1 >= epochs:
+        log.info("%s: all %d epochs were trained earlier in %s; its last checkpoint is used",
+                 name, epochs, storage / name)
+        return previous
     trainer = TorchTrainer(
         with_threads(loop),
         train_loop_config={**config, "cfg": cfg, "key": key},

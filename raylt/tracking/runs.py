@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -283,7 +284,9 @@ def log_fit(metrics: dict, out: Path) -> str | None:
             mlflow.log_artifact(rec["stats_file"], artifact_path="class_stats")
         uri = log_model(out / "head.npz", out / outputs.META_FILE)
         if rec.get("registered_model"):
-            version = mlflow.register_model(uri, rec["registered_model"]).version
+            # MLflow prints its own "Created version" lines; raylt's summary names the version.
+            with contextlib.redirect_stderr(io.StringIO()):
+                version = mlflow.register_model(uri, rec["registered_model"]).version
             uri = f"models:/{rec['registered_model']}/{version}"
     except Exception as e:
         _lost("logging the results", e, out)

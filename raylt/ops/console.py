@@ -1,0 +1,108 @@
+"""What the console shows of Ray's processes: raylt's own lines only, unless `-v`.
+
+Ray forwards every line its worker processes write (`log_to_driver`) to the driver's console:
+its own actors' notices (Ray Train's placement-group cleaner warns every second when the State
+API, served by the dashboard, is not running), C++ core-worker messages, library deprecation
+warnings, and each line a Ray Train worker prints twice (its stdout and stderr both carry it).
+Lines raylt means for the console are printed in workers with `worker_line`, which marks them;
+at default verbosity the driver prints those lines, once each, without Ray's prefix, and
+drops the rest (they stay in Ray's session logs, /tmp/ray/session_latest/logs). `-v` keeps
+Ray's own printing.
+
+Starting the dashboard instead, so that the cleaner's queries succeed, cost 2 s of start-up
+and 1.1 GB of memory in 10 more processes on 2 cores; quieting one logger in the workers would
+leave the C++ and deprecation lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+MARK = "[raylt] "
+_state = {"verbose": False}
+_lock = threading.Lock()
+_last: dict = {}  # pid -> the last line printed for it: the stderr copy of a line is not printed again
+
+
+def set_verbose(verbose: bool) -> None:
+    _state["verbose"] = verbose
+
+
+def worker_line(message: str) -> None:
+    """A line for the user's console from inside a Ray worker."""
+    print(MARK + message, flush=True)
+
+
+def _own_lines(data: dict) -> None:
+    with _lock:
+        for line in data.get("lines", ()):
+            if not line.startswith(MARK):
+                continue
+            text = line[len(MARK):]
+            key = (data.get("pid"), data.get("actor_name") or data.get("task_name"))
+            if _last.get(key) == text:
+                continue
+            _last[key] = text
+            print(text, file=sys.stdout, flush=True)
+
+
+def ray_logging_level() -> int:
+    """`ray.init(logging_level=...)`: Ray's start-up notice is Ray's, not raylt's (`ray.init`
+    sets its logger's level itself, so the CLI's levels cannot reach it)."""
+    return logging.INFO if _state["verbose"] else logging.WARNING
+
+
+def route_worker_logs() -> None:
+    """After `ray.init(log_to_driver=True)`: at default verbosity, only raylt's own worker
+    lines reach the console. Ray's dispatcher is internal: if it moves, Ray's printing stays."""
+    if _state["verbose"]:
+        return
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # pragma: no cover - a Ray without it prints as it always did
+        logging.getLogger(__name__).debug("Ray's log dispatcher is not where it was; Ray's worker lines stay")
+        return
+    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", _own_lines)  # ray.shutdown removes it by this name
+
+
+class Progress:
+    """A long stage's progress on the driver: a live bar (tqdm) with rate and ETA on a terminal;
+    elsewhere (CI, `ray job submit` logs, a file) a log line at most every `every` seconds and
+    at the end, so a log stays short."""
+
+    def __init__(self, what: str, total: int, unit: str, log: logging.Logger, every: float = 5.0):
+        self.what, self.total, self.unit, self.log, self.every = what, total, unit, log, every
+        self.t0 = self.shown = time.perf_counter()
+        self.done = 0
+        self.bar = None
+        if sys.stderr.isatty() and logging.getLogger("raylt").isEnabledFor(logging.INFO):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=what, unit=f" {unit}", dynamic_ncols=True, leave=True)
+
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self.t0, 1e-9)
+
+    def update(self, done: int, note: str = "") -> None:
+        """`done` of `total` so far; `note` joins the line (e.g. "3/14 shards")."""
+        step, self.done = done - self.done, done
+        if self.bar is not None:
+            self.bar.update(step)
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
+            return
+        now = time.perf_counter()
+        if done >= self.total or now - self.shown >= self.every:
+            self.shown = now
+            extra = f", {note}" if note else ""
+            self.log.info("%s: %d/%d %s, %.0f %s/s%s", self.what, done, self.total, self.unit, self.rate(), self.unit,
+                          extra)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
