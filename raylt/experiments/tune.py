@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -210,7 +211,7 @@ def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: st
             trainable, param_space=tune_space,
             tune_config=tune.TuneConfig(metric="val_top1", mode="max", num_samples=num_samples,
                                         max_concurrent_trials=concurrent or cluster_cpus()),
-            run_config=tune.RunConfig(name="trials", storage_path=str(out), verbose=0, callbacks=[_progress()]))
+            run_config=tune.RunConfig(name="trials", storage_path=str(out), verbose=0, callbacks=[_progress(trial_count(space, num_samples))]))
         grid = tuner.fit()
         rows = [_row(r, list(space)) for r in grid if r.metrics]
         failed = [str(r.error).splitlines()[0] for r in grid if r.error]
@@ -234,13 +235,23 @@ def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: st
     return report
 
 
-def _progress():
-    """A Tune callback that logs each finished trial (Tune's own reporter is off)."""
+def trial_count(space: dict, num_samples: int) -> int:
+    """The trials Tune runs: `num_samples` times every combination of the `grid` keys."""
+    return num_samples * math.prod(len(args) for spec in space.values() for dist, args in spec.items()
+                                   if dist == "grid")
+
+
+def _progress(num_samples: int):
+    """A Tune callback that logs each finished trial (Tune's own reporter is off). Tune creates
+    trials as slots free up, so its list holds only those started so far: count against the
+    trials asked for."""
     class Progress(tune.Callback):
+        done = 0
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1
+            self.done += 1
             val = (trial.last_result or {}).get("val_top1")
-            log.info("tune: trial %d/%d done (%s), val top-1 %s", min(done, len(trials)), len(trials),
+            log.info("tune: trial %d/%d done (%s), val top-1 %s", self.done, num_samples,
                      ", ".join(f"{k}={fmt(v)}" for k, v in plain(trial.config).items()),
                      "-" if val is None else f"{val:.4f}")
 

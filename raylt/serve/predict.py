@@ -291,7 +291,7 @@ def predict(req: Request, kind: str | None, out: Path, k: int = 5, fmt: str | No
             if time.perf_counter() - last > 5:
                 last = time.perf_counter()
                 of = f"/{prepared.rows}" if prepared.rows else ""
-                log.info("predicted %d%s rows, %.0f rows/s", done, of, done / (last - t0))
+                log.info("predicted %d%s rows, %.3g rows/s", done, of, done / (last - t0))  # 5 rows: 0.25/s, not 0
         if writer.w is None:  # an empty input still gets its (empty) file
             raise DataError(f"prediction input {req.path} has no rows{f' in split {req.split!r}' if req.split else ''}")
     except BaseException:

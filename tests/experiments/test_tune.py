@@ -9,7 +9,7 @@ import pytest
 
 from raylt.cli import main
 from raylt.config import load_config
-from raylt.experiments.tune import holdout
+from raylt.experiments.tune import holdout, trial_count
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,8 +26,19 @@ def test_holdout_takes_a_fifth_of_each_class_with_enough_rows_and_leaves_rare_on
 
 
 @pytest.mark.ray
-def test_tune_scores_trials_on_held_out_rows_logs_child_runs_and_writes_a_best_config(demo_run, tmp_path, capsys):
+def test_the_trial_count_multiplies_the_samples_by_every_grid():
+    space = {"sampler.target": {"grid": [0, 100, 300]}, "train.lr": {"choice": [0.1, 0.01]},
+             "train.epochs": {"grid": [2, 4]}}
+    assert trial_count(space, 4) == 24 and trial_count({"train.lr": {"choice": [0.1]}}, 8) == 8
+
+
+def test_tune_scores_trials_on_held_out_rows_logs_child_runs_and_writes_a_best_config(demo_run, tmp_path, capsys,
+                                                                                       caplog):
+    import logging
+
     import mlflow
+
+    caplog.set_level(logging.INFO, logger="raylt.experiments.tune")
 
     from raylt.embed.inputs import open_embeddings, read_split
     from raylt.head.evaluate import evaluate
@@ -41,6 +52,9 @@ def test_tune_scores_trials_on_held_out_rows_logs_child_runs_and_writes_a_best_c
                str(tmp_path / "space.yaml"), "--num-samples", "1", "--out", str(out), "train.epochs=6",
                f"tracking.uri={db}"])
     assert rc == 0
+    # Progress counts against the trials asked for (1 sample x a grid of 2), not those started so far.
+    done = [r.getMessage().split(" done")[0] for r in caplog.records if r.getMessage().startswith("tune: trial ")]
+    assert done == ["tune: trial 1/2", "tune: trial 2/2"]
     report = json.loads((out / "tune.json").read_text())
     rows = {r["params"]["sampler.target"]: r for r in report["rows"]}
     assert sorted(rows) == [0, 300] and report["val_from"] == "holdout"
