@@ -104,6 +104,8 @@ def _write_adapted(es: EmbeddingSet, params: dict, folder: Path) -> None:
         return embedding_table(adapter_numpy(ray.get(ref), x), y, batch["split"].to_numpy(zero_copy_only=False),
                                ids.to_numpy(zero_copy_only=False))
 
+    # Rows in the input's order, so the adapted train split (and the head's shards) are the same each run.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.read_parquet(list(es.files)).map_batches(apply, batch_format="pyarrow")
     ds.write_parquet(str(folder))
     (folder / "classnames.txt").write_text("\n".join(es.class_names) + "\n")

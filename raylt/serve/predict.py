@@ -261,9 +261,10 @@ def predict(req: Request, kind: str | None, out: Path, k: int = 5, fmt: str | No
     prepare = INPUTS.get(kind or detect(req.path))
     t0 = time.perf_counter()
     init_ray(req.cfg.ray)
+    # The output lines up with the input. A dataset takes a copy of the context when it is
+    # made, so this comes before the input's dataset is.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     prepared = prepare(req)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the output lines up with the input
     ds = prepared.dataset.map_batches(score_batch, batch_format="numpy", batch_size=4096,
                                       fn_kwargs={"head": req.model.head, "class_names": req.model.class_names, "k": k})
     # Input columns the output carries (the true class name goes with a label), then predictions.
