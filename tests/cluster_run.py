@@ -38,7 +38,8 @@ def main(nodes: int, cpus: int, out: str, overrides: list[str]) -> None:
     used = {}
     for stage, (kind, match) in STAGES.items():
         items = actors if kind == "actor" else tasks
-        used[stage] = sorted({i.node_id for i in items if match(i)})
+        # Records never placed on a node (a task cancelled before it was scheduled) carry no node id.
+        used[stage] = sorted({i.node_id for i in items if match(i) and i.node_id})
     Path(out).write_text(json.dumps({
         "metrics": {k: result.metrics[k] for k in ("overall", "many", "medium", "few", "per_class")},
         "nodes": [n["NodeID"] for n in ray.nodes()], "used": used,
