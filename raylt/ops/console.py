@@ -24,7 +24,12 @@ import time
 MARK = "[raylt] "
 _state = {"verbose": False}
 _lock = threading.Lock()
-_last: dict = {}  # pid -> the last line printed for it: the stderr copy of a line is not printed again
+# (pid, actor or task) -> {line: times printed}, and (that key, stream) -> {line: times seen}: a
+# line is printed when one stream has carried it more often than it was printed, so the second
+# stream's copy of a line is dropped however the two streams' batches interleave, and a line a
+# worker really prints twice is printed twice.
+_printed: dict = {}
+_seen: dict = {}
 
 
 def set_verbose(verbose: bool) -> None:
@@ -37,15 +42,18 @@ def worker_line(message: str) -> None:
 
 
 def _own_lines(data: dict) -> None:
+    key = (data.get("pid"), data.get("actor_name") or data.get("task_name"))
     with _lock:
+        printed = _printed.setdefault(key, {})
+        seen = _seen.setdefault((key, bool(data.get("is_err"))), {})
         for line in data.get("lines", ()):
             if not line.startswith(MARK):
                 continue
             text = line[len(MARK):]
-            key = (data.get("pid"), data.get("actor_name") or data.get("task_name"))
-            if _last.get(key) == text:
+            seen[text] = seen.get(text, 0) + 1
+            if seen[text] <= printed.get(text, 0):
                 continue
-            _last[key] = text
+            printed[text] = seen[text]
             print(text, file=sys.stdout, flush=True)
 
 
