@@ -41,23 +41,34 @@ def cmd_config(args) -> int:
 
 def cmd_embed(args) -> int:
     from raylt.config import load_config
-    from raylt.embed.stage import run_embed
+    from raylt.data import load_source
+    from raylt.embed.recipe import finished_store
 
     from raylt import tracking
 
     cfg = load_config(args.config, args.overrides)
+    source = load_source(cfg.data)
+    found = finished_store(cfg, source)
+    if found is not None:  # nothing to compute and nothing new to log: no Ray, no MLflow run
+        _print_store(found.path, found.manifest(), "reused")
+        return 0
+    from raylt.embed.stage import run_embed  # torch and Ray: only when there is work
+
     tracking.check_reachable(cfg)
     with tracking.start_run(cfg, "embed") as run:
-        res = run_embed(cfg)
+        res = run_embed(cfg, source)
         if run is not None:
             tracking.log_embed(res)
-    m = res.manifest
     how = "reused" if res.reused else f"{res.computed_rows} images in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)"
-    print(f"store: {res.store}")
-    print(f"embeddings: {m['embedded']} (D={m['dim']}), skipped: {m['skipped']}, {how}")
+    _print_store(res.store, res.manifest, how)
     if run is not None:
         print(f"mlflow: run {run.info.run_id} in {tracking.redact(tracking.tracking_uri(cfg))}")
     return 0
+
+
+def _print_store(path, m: dict, how: str) -> None:
+    print(f"store: {path}")
+    print(f"embeddings: {m['embedded']} (D={m['dim']}), skipped: {m['skipped']}, {how}")
 
 
 def _summary(cfg, results) -> None:
@@ -234,6 +245,8 @@ def console(quiet: bool, verbose: bool) -> None:
     from raylt.ops.console import set_verbose
 
     set_verbose(verbose)
+    # matplotlib's font search logs ~60 DEBUG lines per figure: noise even at -v.
+    logging.getLogger("matplotlib").setLevel(logging.INFO)
     if not verbose:
         # Ray Data's bars redraw hundreds of lines per stage, and its plan reports repeat per stage.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

@@ -26,8 +26,8 @@ import torch
 
 from raylt.config import BackboneConfig
 from raylt.embed.images import DecodeSpec
+from raylt.embed.recipe import weights_identity
 from raylt.errors import BackboneError
-from raylt.ops.hashing import file_sha256
 from raylt.ops.precision import autocast
 from raylt.registry import Registry
 
@@ -159,26 +159,6 @@ def _set_offline() -> None:
         import huggingface_hub.constants as hf_constants  # comes with open_clip
 
         hf_constants.HF_HUB_OFFLINE = True  # read at call time by recent huggingface_hub
-
-
-def weights_identity(cfg: BackboneConfig) -> str:
-    """Tag name, or the checksum of a weight file or `local-dir:` checkpoint."""
-    if cfg.model and cfg.model.startswith("local-dir:"):
-        folder = Path(cfg.model[len("local-dir:"):]).expanduser()
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
-        if not files:
-            raise BackboneError(f"backbone.model {cfg.model}: no checkpoint (*.safetensors, *.bin, *.pt) in {folder}")
-        return "sha256:" + file_sha256(files[0])
-    if cfg.pretrained is None:
-        return "random-init"
-    p = Path(cfg.pretrained).expanduser()
-    if p.is_file():
-        return "sha256:" + file_sha256(p)
-    if os.sep in cfg.pretrained or cfg.pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")):
-        raise BackboneError(
-            f"backbone.pretrained weight file {p} does not exist; copy the checkpoint there or fix the path"
-        )
-    return "tag:" + cfg.pretrained
 
 
 @BACKBONES.register("open_clip", "any open_clip model: name + pretrained tag, checkpoint file, or local-dir:")

@@ -24,6 +24,7 @@ from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, expand_path, 
 from raylt.data import Source, load_source
 from raylt.embed.backbones import build_encoder
 from raylt.embed.images import decode_batch
+from raylt.embed.recipe import finished_store, recipe_key
 from raylt.embed.store import EmbeddingStore
 from raylt.errors import DataError
 from raylt.ops.cluster import cluster_cpus, cluster_gpus, init_ray
@@ -188,9 +189,13 @@ def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_ba
 def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
     """Embed every image of the configured data set into the store, reusing finished work."""
     t0 = time.perf_counter()
-    encoder = build_encoder(cfg.backbone)  # fails here, before any data or Ray work, on missing weights
     source = source or load_source(cfg.data)
     log.info("data: %s", source.summary())
+    found = finished_store(cfg, source)  # without the model or Ray (raylt.embed.recipe)
+    if found is not None:
+        log.info("embedding store %s is complete: reused", found.path)
+        return EmbedResult(found.path, found.manifest(), True, 0, time.perf_counter() - t0)
+    encoder = build_encoder(cfg.backbone)  # fails here, before any Ray work, on missing weights
     init_ray(cfg.ray)
     plan = plan_resources(cfg.embed, cluster_cpus(), cluster_gpus())
     inputs = {
@@ -209,8 +214,11 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
         pending = store.pending_shards()
         if not pending:
             log.info("embedding store %s is complete: reused", store.path)
-            return EmbedResult(store.path, store.manifest(), True, 0, time.perf_counter() - t0)
-        return _embed_pending(cfg, source, store, pending, encoder, plan)
+            res = EmbedResult(store.path, store.manifest(), True, 0, time.perf_counter() - t0)
+        else:
+            res = _embed_pending(cfg, source, store, pending, encoder, plan)
+        store.remember(recipe_key(cfg, inputs["data"], plan.precision))
+        return res
 
 
 def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pending: list[int], encoder,

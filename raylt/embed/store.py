@@ -18,6 +18,10 @@ machine or shared file system never interleave their shards: the second waits, t
 
 Record columns: `embedding` fixed_size_list<float32>[D], `label` int64, `split` string, `id` string.
 This module is the only one that reads or writes `manifest.json` (`is_store`, `read_manifest`).
+
+`<root>/recipes/<key>.json` names the finished store of a config's recipe (`raylt.embed.recipe`):
+the key is computed from the config and the data alone, without the model, so that a finished
+store is found, checked and reused without importing torch or starting Ray.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from raylt.ops.locks import file_lock
 
 log = logging.getLogger(__name__)
 STORE_FORMAT = 1
+RECIPES = "recipes"  # <root>/recipes/<key>.json -> the store folder of that recipe
 MANIFEST = "manifest.json"
 
 
@@ -123,6 +128,22 @@ class EmbeddingStore:
             path.mkdir(parents=True, exist_ok=True)
             store._write_manifest(status="incomplete")
         return store
+
+    @classmethod
+    def recalled(cls, root: Path, key: str) -> "EmbeddingStore | None":
+        """The finished store that `remember(key)` named under `root`, or None (never made, or
+        since moved, made incomplete or made from other inputs: the full path decides then)."""
+        entry = _read_json(Path(root) / RECIPES / f"{key}.json")
+        man = _read_json(Path(root) / entry["store"] / MANIFEST) if entry and "store" in entry else None
+        if man is None or man.get("status") != "complete" or man.get("fingerprint") != entry["store"]:
+            return None
+        inputs = man["inputs"]
+        return cls(Path(root) / entry["store"], inputs, int(man["num_rows"]), int(inputs["shard_size"]))
+
+    def remember(self, key: str) -> None:
+        """Name this finished store as the one of the recipe `key` (`raylt.embed.recipe`)."""
+        (self.path.parent / RECIPES).mkdir(exist_ok=True)
+        _write_json(self.path.parent / RECIPES / f"{key}.json", {"store": self.path.name})
 
     @contextlib.contextmanager
     def writing(self) -> Iterator["EmbeddingStore"]:

@@ -54,12 +54,18 @@ def test_embeddings_match_a_direct_encode_of_each_image(ray_session, image_tree,
     assert np.array_equal(labels[train][nn], labels[test])
 
 
-def test_rerun_reuses_the_store_and_resume_recomputes_only_lost_shards(ray_session, image_tree, tmp_path):
+def test_rerun_reuses_the_store_and_resume_recomputes_only_lost_shards(ray_session, image_tree, tmp_path, monkeypatch):
+    import raylt.embed.stage as stage
+
     cfg = folder_cfg(image_tree, tmp_path / "store")
     first = run_embed(cfg)
     before = {p.name: p.stat().st_mtime_ns for p in first.store.glob("part-*")}
-    again = run_embed(cfg)
+    build = stage.build_encoder
+    with monkeypatch.context() as m:  # a finished store is found from the config alone (raylt.embed.recipe)
+        m.setattr(stage, "build_encoder", lambda *a: pytest.fail("the encoder was built for a finished store"))
+        again = run_embed(cfg)
     assert again.reused and again.computed_rows == 0 and again.store == first.store
+    assert stage.build_encoder is build
     assert {p.name: p.stat().st_mtime_ns for p in first.store.glob("part-*")} == before
     # An interrupted run: the store is unfinished and shard 2 never got written.
     man = json.loads((first.store / "manifest.json").read_text())
