@@ -48,6 +48,7 @@ from raylt.head.whiten import head_whitening
 from raylt.latent.sampling import SAMPLERS, TRANSFORMS
 from raylt.latent.stats import class_moments
 from raylt.ops.cluster import cluster_cpus, init_ray
+from raylt.ops.console import Progress
 from raylt.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -245,17 +246,25 @@ def _progress(num_samples: int):
     """A Tune callback that logs each finished trial (Tune's own reporter is off). Tune creates
     trials as slots free up, so its list holds only those started so far: count against the
     trials asked for."""
-    class Progress(tune.Callback):
+    class TrialProgress(tune.Callback):
         done = 0
+        bar = None  # made at the first trial: Tune pickles its callbacks when it starts
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
+            if self.bar is None:
+                self.bar = Progress("tune trials", num_samples, "trials", log, every=0)  # a line per trial off a terminal
             val = (trial.last_result or {}).get("val_top1")
-            log.info("tune: trial %d/%d done (%s), val top-1 %s", self.done, num_samples,
-                     ", ".join(f"{k}={fmt(v)}" for k, v in plain(trial.config).items()),
-                     "-" if val is None else f"{val:.4f}")
+            what = ", ".join(f"{k}={fmt(v)}" for k, v in plain(trial.config).items())
+            top1 = "-" if val is None else f"{val:.4f}"
+            self.bar.update(self.done, note=f"last: {what}, val top-1 {top1}",
+                            line=f"tune: trial {self.done}/{num_samples} done ({what}), val top-1 {top1}")
 
-    return Progress()
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialProgress()
 
 
 def plain(params: dict) -> dict:

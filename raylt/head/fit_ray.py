@@ -29,7 +29,7 @@ from raylt.latent.sampling import GaussianSampler
 from raylt.methods.auxiliary import silenced, silencing_mask
 from raylt.methods.recipes import METHODS
 from raylt.ops.hashing import json_key
-from raylt.ops.console import worker_line
+from raylt.ops.console import live, worker_line
 from raylt.ops.trainer import load_rows, quiet_ray, report, resume, run_trainer
 from raylt.tracking import log_epoch
 
@@ -99,12 +99,13 @@ def train_loop(config: dict) -> None:
         report(plain, opt, sched, epoch, key, metrics, rank)
         target = log_epoch(target, metrics, epoch)
         if rank == 0:
-            shown = _progress(epoch, cfg.train.epochs, metrics, shown)
+            shown = _progress(epoch, cfg.train.epochs, metrics, shown, config["progress_every"])
 
 
 def _progress(epoch: int, epochs: int, metrics: dict, shown: float, every: float = 5.0) -> float:
     """Rank 0's progress line (forwarded to the driver's console by Ray): the first and last
-    epoch, and one at most every `every` seconds between; returns when it last printed."""
+    epoch, and one at most every `every` seconds between (every epoch when the driver draws
+    them as a bar, raylt.ops.console); returns when it last printed."""
     now = time.monotonic()
     if epoch in (0, epochs - 1) or now - shown >= every:
         val = f", val top-1 {metrics['val_top1']:.4f}" if "val_top1" in metrics else ""
@@ -122,5 +123,6 @@ def fit_ray(cfg, train: list, val, gaussians, info: dict, storage: Path, trackin
         # The driver's console levels for Ray Train's and Ray Data's own messages (a checkpoint
         # and a report line per epoch, a plan per read): the workers' loggers do not inherit them.
         "ray_log_levels": {n: logging.getLogger(n).getEffectiveLevel() for n in ("ray.train", "ray.data")},
+        "progress_every": 0.0 if live() else 5.0,
     }
     return run_trainer(train_loop, config, cfg, storage, "train", fit_key(cfg), cfg.train.epochs)["model"]

@@ -17,6 +17,7 @@ leave the C++ and deprecation lines.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -32,8 +33,19 @@ _printed: dict = {}
 _seen: dict = {}
 
 
+# A Ray Train worker's epoch line (raylt.head.fit_ray): on a terminal, the driver draws it as a bar.
+EPOCH = re.compile(r"^epoch (\d+)/(\d+): (.*)$")
+_bars: dict = {}  # (pid, actor or task) -> the tqdm bar of that worker's epochs
+
+
 def set_verbose(verbose: bool) -> None:
     _state["verbose"] = verbose
+
+
+def live() -> bool:
+    """Whether progress is drawn as live bars: raylt's INFO lines go to a terminal. Elsewhere
+    (CI, `ray job submit` logs, a file) progress is a line at most every few seconds."""
+    return sys.stderr.isatty() and logging.getLogger("raylt").isEnabledFor(logging.INFO)
 
 
 def worker_line(message: str) -> None:
@@ -54,7 +66,27 @@ def _own_lines(data: dict) -> None:
             if seen[text] <= printed.get(text, 0):
                 continue
             printed[text] = seen[text]
-            print(text, file=sys.stdout, flush=True)
+            _show(key, text)
+
+
+def _show(key, text: str) -> None:
+    epoch = EPOCH.match(text) if live() else None
+    if epoch is None:
+        print(text, file=sys.stdout, flush=True)
+        return
+    from tqdm import tqdm
+
+    done, total = int(epoch[1]), int(epoch[2])
+    bar = _bars.get(key)
+    if bar is None or bar.total != total:
+        # started at the first line's epoch: the rate is of the epochs seen arriving
+        bar = _bars[key] = tqdm(total=total, initial=done, desc="epochs", unit=" epochs", dynamic_ncols=True,
+                                leave=True)
+    bar.update(done - bar.n)
+    bar.set_postfix_str(epoch[3])
+    if done >= total:
+        bar.close()
+        del _bars[key]
 
 
 def ray_logging_level() -> int:
@@ -78,17 +110,22 @@ def route_worker_logs() -> None:
         dispatcher.add_handler("ray_print_logs", _own_lines)  # ray.shutdown removes it by this name
 
 
+def rate_text(per_s: float) -> str:
+    """A rate as people read it: 1234, 12.3, 0.25 (5 rows in 20 s are not "0 rows/s")."""
+    return f"{per_s:.0f}" if per_s >= 100 else f"{per_s:.3g}"
+
+
 class Progress:
     """A long stage's progress on the driver: a live bar (tqdm) with rate and ETA on a terminal;
     elsewhere (CI, `ray job submit` logs, a file) a log line at most every `every` seconds and
     at the end, so a log stays short."""
 
-    def __init__(self, what: str, total: int, unit: str, log: logging.Logger, every: float = 5.0):
+    def __init__(self, what: str, total: int | None, unit: str, log: logging.Logger, every: float = 5.0):
         self.what, self.total, self.unit, self.log, self.every = what, total, unit, log, every
         self.t0 = self.shown = time.perf_counter()
         self.done = 0
         self.bar = None
-        if sys.stderr.isatty() and logging.getLogger("raylt").isEnabledFor(logging.INFO):
+        if live():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=what, unit=f" {unit}", dynamic_ncols=True, leave=True)
@@ -96,8 +133,9 @@ class Progress:
     def rate(self) -> float:
         return self.done / max(time.perf_counter() - self.t0, 1e-9)
 
-    def update(self, done: int, note: str = "") -> None:
-        """`done` of `total` so far; `note` joins the line (e.g. "3/14 shards")."""
+    def update(self, done: int, note: str = "", line: str | None = None) -> None:
+        """`done` of `total` (None: unknown) so far; `note` joins the bar and the line (e.g. "3/14
+        shards"); `line` replaces the logged line off a terminal."""
         step, self.done = done - self.done, done
         if self.bar is not None:
             self.bar.update(step)
@@ -105,11 +143,13 @@ class Progress:
                 self.bar.set_postfix_str(note, refresh=False)
             return
         now = time.perf_counter()
-        if done >= self.total or now - self.shown >= self.every:
+        if (self.total is not None and done >= self.total) or now - self.shown >= self.every:
             self.shown = now
-            extra = f", {note}" if note else ""
-            self.log.info("%s: %d/%d %s, %.0f %s/s%s", self.what, done, self.total, self.unit, self.rate(), self.unit,
-                          extra)
+            if line is None:
+                of = f"/{self.total}" if self.total is not None else ""
+                extra = f", {note}" if note else ""
+                line = f"{self.what}: {done}{of} {self.unit}, {rate_text(self.rate())} {self.unit}/s{extra}"
+            self.log.info("%s", line)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -46,6 +46,7 @@ from raylt.embed.stage import build_dataset, plan_resources
 from raylt.embed.store import is_store
 from raylt.errors import ConfigError, DataError
 from raylt.head.artifact import head_logits
+from raylt.ops.console import Progress
 from raylt.ops.cluster import cluster_cpus, cluster_gpus, init_ray
 from raylt.registry import Registry
 from raylt.serve.model import Model
@@ -273,7 +274,7 @@ def predict(req: Request, kind: str | None, out: Path, k: int = 5, fmt: str | No
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = _Writer(out, fmt)
     done = failed = labelled = hit1 = hitk = 0
-    last = time.perf_counter()
+    progress = Progress("predicted", prepared.rows or None, "rows", log)
     try:
         for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             t = t.select([*keep, *[c for c in t.column_names if c not in INPUT_COLUMNS]])
@@ -289,15 +290,14 @@ def predict(req: Request, kind: str | None, out: Path, k: int = 5, fmt: str | No
                 labelled += int(mask.sum())
                 hit1 += int((top[:, 0] == y[mask]).sum())
                 hitk += int((top == y[mask, None]).any(axis=1).sum())
-            if time.perf_counter() - last > 5:
-                last = time.perf_counter()
-                of = f"/{prepared.rows}" if prepared.rows else ""
-                log.info("predicted %d%s rows, %.3g rows/s", done, of, done / (last - t0))  # 5 rows: 0.25/s, not 0
+            progress.update(done)
         if writer.w is None:  # an empty input still gets its (empty) file
             raise DataError(f"prediction input {req.path} has no rows{f' in split {req.split!r}' if req.split else ''}")
     except BaseException:
         writer.discard()
         raise
+    finally:
+        progress.close()
     writer.close()
     acc = (hit1 / labelled, hitk / labelled) if labelled else (None, None)
     return PredictResult(out, done, failed, labelled, *acc, time.perf_counter() - t0)

@@ -31,3 +31,30 @@ def test_a_line_a_worker_prints_twice_is_shown_twice(capsys):
     console._own_lines(batch(["same"], is_err=True))
     console._own_lines(batch(["same"], is_err=True))
     assert capsys.readouterr().out.splitlines() == ["same", "same"]
+
+
+def test_on_a_terminal_a_workers_epoch_lines_become_one_bar(capsys, monkeypatch):
+    monkeypatch.setattr(console, "live", lambda: True)
+    monkeypatch.setattr(console, "_bars", {})
+    console._own_lines(batch([f"epoch {e}/3: train loss 0.{e}" for e in (1, 2, 3)]))
+    console._own_lines(batch(["metrics written"]))
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["metrics written"] and console._bars == {}  # closed at the last epoch
+    assert "epochs: 100%" in err and "3/3" in err and "train loss 0.3" in err
+
+
+def test_off_a_terminal_progress_is_a_line_every_few_seconds_and_at_the_end(caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(console, "live", lambda: False)
+    log = logging.getLogger("raylt.test")
+    with caplog.at_level(logging.INFO, logger="raylt.test"):
+        p = console.Progress("predicted", None, "rows", log, every=3600)
+        p.update(5)  # unknown total: no end to reach, and not yet time for a line
+        p.every = 0
+        p.update(10, note="2 files")
+        q = console.Progress("embedded", 4, "images", log, every=3600)
+        q.update(4, line="all four")
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["predicted: 10 rows", "all four"]
+    assert "2 files" in caplog.records[0].getMessage()
+    assert [console.rate_text(r) for r in (1234.4, 12.34, 0.25)] == ["1234", "12.3", "0.25"]
