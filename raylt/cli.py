@@ -52,11 +52,13 @@ def cmd_embed(args) -> int:
     if found is not None:  # nothing to compute and nothing new to log: no Ray, no MLflow run
         _print_store(found.path, found.manifest(), "reused")
         return 0
-    from raylt.embed.stage import run_embed  # torch and Ray: only when there is work
+    from raylt.embed.backbones import build_encoder  # torch and Ray: only when there is work
+    from raylt.embed.stage import run_embed
 
+    encoder = build_encoder(cfg.backbone)  # a bad backbone or missing weights: before an MLflow run starts
     tracking.check_reachable(cfg)
     with tracking.start_run(cfg, "embed") as run:
-        res = run_embed(cfg, source)
+        res = run_embed(cfg, source, encoder)
         if run is not None:
             tracking.log_embed(res)
     how = "reused" if res.reused else f"{res.computed_rows} images in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)"

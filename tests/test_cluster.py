@@ -151,9 +151,10 @@ def test_places_lt_job_on_a_ray_cluster_with_token_auth(ray_head, tmp_path):
     assert list((shared / "store").glob("*/manifest.json"))
 
 
-def test_two_nodes_give_the_same_metrics_as_one(ray_session, tmp_path):
+def test_two_nodes_give_the_same_metrics_as_one(demo_run, tmp_path):
     """Embedding actors, class-statistics tasks and train workers spread over a two-node
-    `ray.cluster_utils.Cluster`; the metrics match a run of the same config on one node."""
+    `ray.cluster_utils.Cluster`; the metrics match a run of the same config on one node (whose
+    embeddings are the session demo's store: the embedding settings here do not change them)."""
     from raylt.config import load_config
     from raylt.pipeline import run
 
@@ -173,7 +174,7 @@ def test_two_nodes_give_the_same_metrics_as_one(ray_session, tmp_path):
         assert sorted(nodes) == sorted(spread["nodes"]), f"{stage} ran on {len(nodes)} of 2 nodes"
 
     one = tmp_path / "one"
-    (single,) = run(load_config(REPO / "configs/demo.yaml", overrides(one)))
+    (single,) = run(load_config(REPO / "configs/demo.yaml", [*overrides(one), f"store.root={demo_run[2] / 'store'}"]))
     for key in ("overall", "many", "medium", "few", "per_class"):
         assert spread["metrics"][key] == single.metrics[key], key
 

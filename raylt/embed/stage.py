@@ -186,8 +186,9 @@ def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_ba
     return done, warmup or 0.0
 
 
-def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
-    """Embed every image of the configured data set into the store, reusing finished work."""
+def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None) -> EmbedResult:
+    """Embed every image of the configured data set into the store, reusing finished work
+    (`source` and `encoder`: the config's, when the caller has them already)."""
     t0 = time.perf_counter()
     source = source or load_source(cfg.data)
     log.info("data: %s", source.summary())
@@ -195,7 +196,7 @@ def run_embed(cfg: RayltConfig, source: Source | None = None) -> EmbedResult:
     if found is not None:
         log.info("embedding store %s is complete: reused", found.path)
         return EmbedResult(found.path, found.manifest(), True, 0, time.perf_counter() - t0)
-    encoder = build_encoder(cfg.backbone)  # fails here, before any Ray work, on missing weights
+    encoder = encoder or build_encoder(cfg.backbone)  # fails here, before any Ray work, on missing weights
     init_ray(cfg.ray)
     plan = plan_resources(cfg.embed, cluster_cpus(), cluster_gpus())
     inputs = {
