@@ -128,3 +128,18 @@ def demo_run(ray_session, tmp_path_factory):
         f"store.root={tmp / 'store'}", f"train.output_dir={tmp / 'out'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
     ])
     return cfg, run(cfg, baseline=True), tmp
+
+
+def counted_skip(cfg_of, caplog, reported: str, refused: str):
+    """A source with one skipped record: loaded under `data.max_bad_fraction=0.1` it reports the
+    skip (`reported`, a part of the warning) and keeps the rest (returned); under the default
+    1% it is refused in one line (`refused`, a regex). `cfg_of(*overrides)` makes the config."""
+    from raylt.data import load_source
+    from raylt.errors import DataError
+
+    with caplog.at_level("WARNING", logger="raylt.data.shards"):
+        src = load_source(cfg_of("data.max_bad_fraction=0.1").data)
+    assert reported in caplog.text
+    with pytest.raises(DataError, match=refused):
+        load_source(cfg_of().data)
+    return src

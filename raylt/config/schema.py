@@ -15,9 +15,9 @@ from typing import Literal, Mapping
 class DataConfig:
     """Where the images come from (see `raylt list` for the registered sources)."""
 
-    source: str = "demo"  # registry: split_file, folder, cifar100, demo (`raylt list`)
+    source: str = "demo"  # registry: split_file, folder, webdataset, parquet_images, inat, cifar100, demo
     root: str | None = None  # image root: split-file paths and class folders are relative to it
-    split_dir: str | None = None  # folder of split files; relative `splits` resolve against it
+    split_dir: str | None = None  # folder of split (or annotation) files; relative `splits` resolve against it
     splits: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))  # split -> file / folder
     class_names: str | None = None  # text file, one class per line in label order
     imbalance_ratio: float | None = None  # exponential long-tail profile on train (n_max / n_min)
@@ -25,6 +25,11 @@ class DataConfig:
     seed: int = 0  # the long-tail subsample (and the demo's test split)
     max_bad_fraction: float = 0.01  # fail when more images than this are unreadable
     allow_outside_root: bool = False  # let split-file paths leave `root` (`..`, absolute paths)
+    label_key: str = "cls"  # webdataset: the label member's extension: cls (integer), txt (class name), json
+    image_column: str = "image"  # parquet_images: encoded image bytes (binary, or a struct with `bytes`)
+    label_column: str = "label"  # parquet_images: class index or class name
+    id_column: str | None = None  # parquet_images: unique row id (null: file and row number)
+    split_column: str | None = None  # parquet_images: each row's split (null: the data.splits key of its file)
     image_size: int = 32  # demo data set: side of the rendered digit images
     test_per_class: int | None = None  # demo data set: balanced test images per class
 

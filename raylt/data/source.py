@@ -1,7 +1,10 @@
 """The record table every data source produces, its validation, and the source registry.
 
 Columns: `id` string (unique), `label` int64, `split` string, and either `path` string
-(absolute image path) or `image` binary (encoded image bytes, for in-memory data sets).
+(absolute image path) or `image` binary (encoded image bytes, for in-memory data sets). Where
+an image is a byte range of a larger file (a member of a tar shard), `offset` and `size`
+(int64) give the range of `path`; where it is a cell of a Parquet file, `parquet_row` and
+`image_column` name it. The decode tasks read those themselves.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,8 +21,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from raylt import longtail
-from raylt.config import DataConfig
-from raylt.errors import DataError
+from raylt.config import DataConfig, expand_path
+from raylt.errors import ConfigError, DataError
 from raylt.registry import Registry
 
 SOURCES: Registry[Callable[[DataConfig], "Source"]] = Registry("data source")
@@ -76,6 +80,8 @@ def make_source(
     origin: str,
     paths: list[str] | None = None,
     images: list[bytes] | None = None,
+    ranges: tuple[np.ndarray, np.ndarray] | None = None,
+    parquet_rows: tuple[np.ndarray, str] | None = None,
 ) -> Source:
     """Build and validate a Source: unique ids, labels in range, no class without train images."""
     cols = {
@@ -87,6 +93,12 @@ def make_source(
         raise ValueError("a source has exactly one of `paths` and `images`")
     if paths is not None:
         cols["path"] = pa.array(paths, pa.string())
+        if ranges is not None:  # (offsets, sizes): each image is that byte range of its path
+            cols["offset"], cols["size"] = (pa.array(np.asarray(r, dtype=np.int64)) for r in ranges)
+        if parquet_rows is not None:  # (rows, column): each image is that row's bytes in that column of its path
+            rows, column = parquet_rows
+            cols["parquet_row"] = pa.array(np.asarray(rows, dtype=np.int64))
+            cols["image_column"] = pa.array([column] * len(rows), pa.string())
     else:
         cols["image"] = pa.array(images, pa.binary())
     table = pa.table(cols)
@@ -140,6 +152,15 @@ def apply_longtail(
     keep[train_idx] = False
     keep[train_idx[chosen]] = True
     return np.flatnonzero(keep)
+
+
+def root_and_train(cfg: DataConfig, what_root: str, train_example: str) -> Path:
+    """`data.root`, expanded, for sources that need it and a `train` entry in `data.splits`."""
+    if cfg.root is None:
+        raise ConfigError(f"data.root is required for data.source={cfg.source} ({what_root})")
+    if "train" not in cfg.splits:
+        raise ConfigError(f"data.splits.train is required for data.source={cfg.source} ({train_example})")
+    return expand_path(cfg.root)
 
 
 def load_source(cfg: DataConfig) -> Source:

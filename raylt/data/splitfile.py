@@ -13,8 +13,8 @@ import numpy as np
 from raylt.config import DataConfig, expand_path
 from raylt.data.classnames import read_class_names
 from raylt.data.lists import parse_list
-from raylt.data.source import SOURCES, Source, apply_longtail, make_source
-from raylt.errors import ConfigError, DataError
+from raylt.data.source import SOURCES, Source, apply_longtail, make_source, root_and_train
+from raylt.errors import DataError
 from raylt.longtail import classes_of_labels
 
 
@@ -28,7 +28,8 @@ def parse_split_file(path: Path, allow_outside_root: bool = False) -> tuple[list
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def _resolve(cfg: DataConfig, name: str) -> Path:
+def resolve_split(cfg: DataConfig, name: str) -> Path:
+    """The file of split `name`: `data.splits[name]`, relative to `data.split_dir` unless absolute."""
     p = Path(cfg.splits[name]).expanduser()
     if not p.is_absolute() and cfg.split_dir is not None:
         p = expand_path(cfg.split_dir) / p
@@ -37,15 +38,11 @@ def _resolve(cfg: DataConfig, name: str) -> Path:
 
 @SOURCES.register("split_file", "Places-LT / ImageNet-LT split files: `path label` per line")
 def load_split_files(cfg: DataConfig) -> Source:
-    if cfg.root is None:
-        raise ConfigError("data.root is required for data.source=split_file (the image root folder)")
-    if "train" not in cfg.splits:
-        raise ConfigError("data.splits.train is required for data.source=split_file")
-    root = expand_path(cfg.root)
+    root = root_and_train(cfg, "the image root folder", "a split file")
     rel_paths, labels, splits = [], [], []
     files = {}
     for split in cfg.splits:
-        files[split] = _resolve(cfg, split)
+        files[split] = resolve_split(cfg, split)
         p, lab = parse_split_file(files[split], cfg.allow_outside_root)
         rel_paths += p
         labels.append(lab)

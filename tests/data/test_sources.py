@@ -18,7 +18,7 @@ def places_cfg(**kw):
 
 
 def test_registry_lists_sources_and_rejects_unknown():
-    assert SOURCES.names() == ["cifar100", "demo", "folder", "split_file"]
+    assert SOURCES.names() == ["cifar100", "demo", "folder", "inat", "parquet_images", "split_file", "webdataset"]
     with pytest.raises(ConfigError, match="unknown data source 'foldr' \\(did you mean 'folder'\\?\\)"):
         load_source(DataConfig(source="foldr"))
 
