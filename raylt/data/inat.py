@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raylt.config import DataConfig
+from raylt.config import DataConfig, expand_path
 from raylt.data.lists import relative_path
 from raylt.data.shards import check_skipped
 from raylt.data.source import SOURCES, Source, apply_longtail, make_source, root_and_train
@@ -78,7 +78,7 @@ def _rows(path: Path, data: dict, labels_of: dict, allow_outside_root: bool) -> 
 
 @SOURCES.register("inat", "iNaturalist 2018/2021 COCO-style annotation JSON, one file per split")
 def load_inat(cfg: DataConfig) -> Source:
-    root = root_and_train(cfg, "the image root the file names are under", "e.g. train2018.json")
+    root = expand_path(root_and_train(cfg, "the image root the file names are under", "e.g. train2018.json"))
     where = {s: resolve_split(cfg, s) for s in cfg.splits}
     files = {s: read_annotations(p) for s, p in where.items()}
     try:

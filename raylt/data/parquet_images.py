@@ -28,6 +28,7 @@ from raylt.config import DataConfig
 from raylt.data.shards import records_source, shard_files
 from raylt.data.source import SOURCES, Source
 from raylt.errors import DataError
+from raylt.ops.storage import open_input
 
 
 def _image_type_ok(t: pa.DataType) -> bool:
@@ -36,9 +37,9 @@ def _image_type_ok(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
-def _open(path, cfg: DataConfig) -> pq.ParquetFile:
+def _open(path: str, cfg: DataConfig, filesystem=None) -> pq.ParquetFile:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_input(path, filesystem))
     except FileNotFoundError:
         raise DataError(f"Parquet file {path} does not exist; check data.root and data.splits") from None
     except (pa.ArrowInvalid, OSError) as e:
@@ -58,18 +59,19 @@ def _open(path, cfg: DataConfig) -> pq.ParquetFile:
 
 @SOURCES.register("parquet_images", "Parquet files of encoded images: image-bytes, label, optional id and split columns")
 def load_parquet_images(cfg: DataConfig) -> Source:
-    root, files = shard_files(cfg)
+    shards = shard_files(cfg)
     cols = {k: [] for k in ("id", "value", "split", "path", "row", "where")}
     skipped: list[str] = []
+    files = shards.files
     if cfg.split_column:  # each file once, whichever split's pattern names it: its rows carry their split
         files = {"": list(dict.fromkeys(p for paths in files.values() for p in paths))}
     for split, paths in files.items():
         for path in paths:
-            pf = _open(path, cfg)
+            pf = _open(path, cfg, shards.filesystem)
             read = [c for c in dict.fromkeys([cfg.label_column, cfg.id_column, cfg.split_column]) if c]
             t = pf.read(columns=read)
             labels = t[cfg.label_column].to_pylist()
-            rel = path.relative_to(root) if path.is_relative_to(root) else path
+            rel = shards.name(path)
             ids = t[cfg.id_column].to_pylist() if cfg.id_column else [f"{rel}/{i}" for i in range(t.num_rows)]
             row_splits = t[cfg.split_column].to_pylist() if cfg.split_column else itertools.repeat(split)
             for i, (label, rid, sp) in enumerate(zip(labels, ids, row_splits)):
@@ -83,5 +85,5 @@ def load_parquet_images(cfg: DataConfig) -> Source:
                 cols["path"].append(str(path))
                 cols["row"].append(i)
                 cols["where"].append(f"Parquet file {path} row {i}")
-    return records_source(cfg, root, cols, skipped, "Parquet rows", "fill or drop those rows",
+    return records_source(cfg, shards, cols, skipped, "Parquet rows", "fill or drop those rows",
                           parquet_rows=lambda pick: (np.asarray(pick("row"), np.int64), cfg.image_column))

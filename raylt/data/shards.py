@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import posixpath
 import re
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,7 @@ from raylt.config import DataConfig, expand_path
 from raylt.data.classnames import read_class_names
 from raylt.data.source import Source, apply_longtail, make_source, root_and_train
 from raylt.errors import ConfigError, DataError
+from raylt.ops.storage import resolve
 from raylt.longtail import classes_of_labels
 
 log = logging.getLogger(__name__)
@@ -46,13 +48,28 @@ def expand_braces(pattern: str) -> list[str]:
     return ["".join(p + c for p, c in zip(parts, combo)) + tail for combo in itertools.product(*choices)]
 
 
-def shard_files(cfg: DataConfig) -> tuple[Path, dict[str, list[Path]]]:
-    """The root and each split's files (`data.splits`: split -> pattern under `data.root`)."""
-    root = root_and_train(cfg, "the folder of the shards", "a shard pattern")
-    return root, {split: [root / n for n in expand_braces(cfg.splits[split])] for split in cfg.splits}
+@dataclass(frozen=True)
+class ShardFiles:
+    """`data.root` (a folder or an object-storage URI) and each split's files under it."""
+
+    root: str  # as the file system names it: an absolute path, or `bucket/prefix`
+    files: dict[str, list[str]]
+    filesystem: object  # pyarrow file system for object storage, None for the local disk
+
+    def name(self, path: str) -> str:
+        """`path` relative to the root: ids and messages do not depend on where the data is mounted."""
+        return posixpath.relpath(path, self.root)
 
 
-def records_source(cfg: DataConfig, root: Path, rows: dict, skipped: list[str], what: str, fix: str,
+def shard_files(cfg: DataConfig) -> ShardFiles:
+    """The files of each split (`data.splits`: split -> pattern under `data.root`)."""
+    filesystem, root = resolve(root_and_train(cfg, "the folder of the shards, or an s3:// / gs:// URI",
+                                              "a shard pattern"))
+    files = {split: [posixpath.join(root, n) for n in expand_braces(cfg.splits[split])] for split in cfg.splits}
+    return ShardFiles(root, files, filesystem)
+
+
+def records_source(cfg: DataConfig, shards: ShardFiles, rows: dict, skipped: list[str], what: str, fix: str,
                    **refs: Callable) -> Source:
     """The source of records indexed from shards: `rows` holds each kept record's id, label
     value, split, path and `where` (for errors), plus what `refs` turn into `make_source`'s
@@ -63,8 +80,8 @@ def records_source(cfg: DataConfig, root: Path, rows: dict, skipped: list[str], 
     keep = apply_longtail(rows["id"], labels, rows["split"], cfg, len(names))
     pick = lambda col: [rows[col][i] for i in keep]  # noqa: E731
     return make_source(ids=pick("id"), labels=labels[keep], splits=pick("split"), class_names=names,
-                       origin=str(root / cfg.splits["train"]), paths=pick("path"),
-                       **{k: ref(pick) for k, ref in refs.items()})
+                       origin=f"{cfg.root.rstrip('/')}/{cfg.splits['train']}", paths=pick("path"),
+                       filesystem=shards.filesystem, **{k: ref(pick) for k, ref in refs.items()})
 
 
 def check_skipped(skipped: list[str], total: int, cfg: DataConfig, what: str, fix: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -21,7 +20,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from raylt import longtail
-from raylt.config import DataConfig, expand_path
+from raylt.config import DataConfig
 from raylt.errors import ConfigError, DataError
 from raylt.registry import Registry
 
@@ -33,6 +32,8 @@ class Source:
     table: pa.Table
     class_names: tuple[str, ...]
     origin: str  # what the user named (a folder, a split file), for messages
+    # pyarrow file system of the `path`s when they are on object storage (raylt.ops.storage), else None
+    filesystem: object = None
 
     @property
     def num_classes(self) -> int:
@@ -82,6 +83,7 @@ def make_source(
     images: list[bytes] | None = None,
     ranges: tuple[np.ndarray, np.ndarray] | None = None,
     parquet_rows: tuple[np.ndarray, str] | None = None,
+    filesystem=None,
 ) -> Source:
     """Build and validate a Source: unique ids, labels in range, no class without train images."""
     cols = {
@@ -102,7 +104,7 @@ def make_source(
     else:
         cols["image"] = pa.array(images, pa.binary())
     table = pa.table(cols)
-    src = Source(table, tuple(class_names), origin)
+    src = Source(table, tuple(class_names), origin, filesystem)
     validate(src)
     return src
 
@@ -154,13 +156,13 @@ def apply_longtail(
     return np.flatnonzero(keep)
 
 
-def root_and_train(cfg: DataConfig, what_root: str, train_example: str) -> Path:
-    """`data.root`, expanded, for sources that need it and a `train` entry in `data.splits`."""
+def root_and_train(cfg: DataConfig, what_root: str, train_example: str) -> str:
+    """`data.root` as given, for sources that need it and a `train` entry in `data.splits`."""
     if cfg.root is None:
         raise ConfigError(f"data.root is required for data.source={cfg.source} ({what_root})")
     if "train" not in cfg.splits:
         raise ConfigError(f"data.splits.train is required for data.source={cfg.source} ({train_example})")
-    return expand_path(cfg.root)
+    return cfg.root
 
 
 def load_source(cfg: DataConfig) -> Source:

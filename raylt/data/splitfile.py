@@ -38,7 +38,7 @@ def resolve_split(cfg: DataConfig, name: str) -> Path:
 
 @SOURCES.register("split_file", "Places-LT / ImageNet-LT split files: `path label` per line")
 def load_split_files(cfg: DataConfig) -> Source:
-    root = root_and_train(cfg, "the image root folder", "a split file")
+    root = expand_path(root_and_train(cfg, "the image root folder", "a split file"))
     rel_paths, labels, splits = [], [], []
     files = {}
     for split in cfg.splits:

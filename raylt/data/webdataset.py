@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from raylt.data.folder import IMAGE_EXTENSIONS
 from raylt.data.shards import records_source, shard_files
 from raylt.data.source import SOURCES, Source
 from raylt.errors import ConfigError, DataError
+from raylt.ops.storage import open_input, size_of
 
 LABEL_KEYS = ("cls", "txt", "json")
 
@@ -44,15 +44,17 @@ def _key_and_ext(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
 
 
-def index_shard(path: Path) -> tuple[dict[str, dict], list[str]]:
+def index_shard(path: str, filesystem=None) -> tuple[dict[str, dict], list[str]]:
     """key -> {"image": (offset, size, member name), label ext: bytes} of one shard, and the keys
-    in shard order. Only headers are read, plus the (small) label members."""
+    in shard order. On a local disk only headers are read, plus the (small) label members; an
+    object is read once as a stream (a request per header would cost more than the bytes)."""
     samples: dict[str, dict] = {}
     last = None
     try:
-        size = path.stat().st_size
-        with tarfile.open(path, "r:") as tar:  # plain tar: members are byte ranges of the file
-            for m in tar:
+        size = size_of(path, filesystem)
+        stream = filesystem is not None
+        with open_input(path, filesystem, stream) as f, tarfile.open(fileobj=f, mode="r|" if stream else "r:") as tar:
+            for m in tar:  # plain tar: members are byte ranges of the file
                 if not m.isfile():
                     continue
                 if m.offset_data + m.size > size:
@@ -65,9 +67,7 @@ def index_shard(path: Path) -> tuple[dict[str, dict], list[str]]:
                 elif ext in LABEL_KEYS:
                     sample[ext] = tar.extractfile(m).read()
             # tarfile ends quietly at a header cut short; a whole archive ends with two zero blocks
-            tar.fileobj.seek(tar.offset)
-            end = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
-            if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+            if size - tar.offset < 2 * tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("no end-of-archive marker")
     except FileNotFoundError:
         raise DataError(f"webdataset shard {path} does not exist; check data.root and data.splits") from None
@@ -97,26 +97,26 @@ def _label_value(raw: bytes, key: str, where: str):
 def load_webdataset(cfg: DataConfig) -> Source:
     if cfg.label_key not in LABEL_KEYS:
         raise ConfigError(f"data.label_key {cfg.label_key!r} is not one of {', '.join(LABEL_KEYS)}")
-    root, files = shard_files(cfg)
+    shards = shard_files(cfg)
     rows = {k: [] for k in ("id", "value", "split", "path", "offset", "size", "where")}
     skipped: list[str] = []
-    for split, shards in files.items():
-        for shard in shards:
-            samples, keys = index_shard(shard)
+    for split, paths in shards.files.items():
+        for shard in paths:
+            samples, keys = index_shard(shard, shards.filesystem)
             for key in keys:
                 s = samples[key]
                 missing = "image" if "image" not in s else f".{cfg.label_key}" if cfg.label_key not in s else None
                 if missing:
-                    skipped.append(f"{shard.name}:{key} (no {missing} member)")
+                    skipped.append(f"{shards.name(shard)}:{key} (no {missing} member)")
                     continue
                 offset, size, member = s["image"]
                 where = f"webdataset shard {shard} member {member}"
-                rows["id"].append(f"{shard.relative_to(root) if shard.is_relative_to(root) else shard}/{key}")
+                rows["id"].append(f"{shards.name(shard)}/{key}")
                 rows["value"].append(_label_value(s[cfg.label_key], cfg.label_key, where))
                 rows["split"].append(split)
                 rows["path"].append(str(shard))
                 rows["offset"].append(offset)
                 rows["size"].append(size)
                 rows["where"].append(where)
-    return records_source(cfg, root, rows, skipped, "webdataset samples", "fix the shards or data.label_key",
+    return records_source(cfg, shards, rows, skipped, "webdataset samples", "fix the shards or data.label_key",
                           ranges=lambda pick: (np.asarray(pick("offset"), np.int64), np.asarray(pick("size"), np.int64)))

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile
 
+from raylt.ops.storage import open_input
+
 # Pillow refuses images above 2 * MAX_IMAGE_PIXELS (a decompression bomb); 89 MP is its default
 # and far above any photo data set, so the guard stays on and such a file is a counted skip.
 Image.MAX_IMAGE_PIXELS = 89_478_485
@@ -69,15 +71,16 @@ def decode_image(src: str | bytes, spec: DecodeSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def read_ranges(paths, offsets, sizes) -> list:
+def read_ranges(paths, offsets, sizes, filesystem=None) -> list:
     """The bytes of each (path, offset, size), or the exception that reading them raised; each
-    file is opened once per batch (a batch of a shard's members reads one file)."""
+    file is opened once per batch (a batch of a shard's members reads one file; on object
+    storage, a ranged request per member)."""
     out: list = [None] * len(paths)
     order = sorted(range(len(paths)), key=lambda i: (paths[i], offsets[i]))
     for path, group in itertools.groupby(order, key=lambda i: paths[i]):
         group = list(group)
         try:
-            with open(path, "rb") as f:
+            with open_input(path, filesystem) as f:
                 for i in group:
                     f.seek(int(offsets[i]))
                     data = f.read(int(sizes[i]))
@@ -89,7 +92,7 @@ def read_ranges(paths, offsets, sizes) -> list:
     return out
 
 
-def read_parquet_cells(paths, rows, columns) -> list:
+def read_parquet_cells(paths, rows, columns, filesystem=None) -> list:
     """The bytes in `columns[i]` of row `rows[i]` of each Parquet file `paths[i]` (None where the
     cell is empty), or the exception that reading raised; each file's row groups that hold the
     rows are read once per batch, and only the image column of them."""
@@ -98,7 +101,7 @@ def read_parquet_cells(paths, rows, columns) -> list:
     for (path, column), group in itertools.groupby(order, key=lambda i: (paths[i], columns[i])):
         group = list(group)
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(open_input(path, filesystem))
             starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
             wanted = np.asarray([rows[i] for i in group], dtype=np.int64)
             where = np.searchsorted(starts, wanted, side="right") - 1
@@ -115,13 +118,14 @@ def read_parquet_cells(paths, rows, columns) -> list:
     return [ValueError("no image bytes in this row") if v is None else v for v in out]
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
-    """Ray Data batch UDF: decode every row, marking failures instead of raising."""
+def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None) -> dict[str, np.ndarray]:
+    """Ray Data batch UDF: decode every row, marking failures instead of raising (`filesystem`:
+    the source's, for paths on object storage)."""
     srcs = batch["path"] if "path" in batch else batch["image"]
     if "offset" in batch:  # members of shards: read the byte ranges here, on the decode task
-        srcs = read_ranges(srcs, batch["offset"], batch["size"])
+        srcs = read_ranges(srcs, batch["offset"], batch["size"], filesystem)
     elif "parquet_row" in batch:  # cells of Parquet files: read their row groups here
-        srcs = read_parquet_cells(srcs, batch["parquet_row"], batch["image_column"])
+        srcs = read_parquet_cells(srcs, batch["parquet_row"], batch["image_column"], filesystem)
     n = len(srcs)
     pixels = np.zeros((n, spec.size, spec.size, 3), dtype=np.uint8)
     ok = np.ones(n, dtype=bool)

@@ -128,12 +128,13 @@ def _too_many_bad(skipped: list[dict], total: int, max_fraction: float) -> str |
     )
 
 
-def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: ResourcePlan):
-    """Ray Data plan: blocks of source rows -> CPU decode tasks -> encoder actor pool."""
+def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: ResourcePlan, filesystem=None):
+    """Ray Data plan: blocks of source rows -> CPU decode tasks -> encoder actor pool
+    (`filesystem`: the source's, when its files are on object storage)."""
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"spec": encoder.spec},
+        fn_kwargs={"spec": encoder.spec, "filesystem": filesystem},
         batch_size=cfg.embed.decode_batch_size,
         compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
         num_cpus=1,
@@ -231,7 +232,8 @@ def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pend
         plan.precision, store.path,
     )
     t_run = time.perf_counter()
-    ds = build_dataset(cfg, pending_blocks(source, store, pending, cfg.embed.decode_batch_size), encoder, plan)
+    ds = build_dataset(cfg, pending_blocks(source, store, pending, cfg.embed.decode_batch_size), encoder, plan,
+                       source.filesystem)
     done, warmup = stream_into_store(ds, store, n_rows, source.table.num_rows, cfg.data.max_bad_fraction)
     elapsed = time.perf_counter() - t_run
     manifest = store.finalize(

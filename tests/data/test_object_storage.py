@@ -1,0 +1,98 @@
+"""Data on object storage: shards read from a real S3-compatible server (moto's standalone
+server, started on loopback), with credentials and endpoint from the usual environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import free_port, http_process
+
+from raylt.config import load_config
+from raylt.data import load_source
+from raylt.embed.images import DecodeSpec, decode_batch, decode_image
+
+REPO = Path(__file__).resolve().parents[2]
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(endpoint, a pyarrow file system that may create buckets) of a moto server on loopback."""
+    from pyarrow import fs
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with http_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log,
+                      f"http://127.0.0.1:{port}/moto-api/data.json", "the moto S3 server", timeout=60):
+        endpoint = f"http://127.0.0.1:{port}"
+        yield endpoint, fs.S3FileSystem(endpoint_override=endpoint, access_key=AWS["AWS_ACCESS_KEY_ID"],
+                                        secret_key=AWS["AWS_SECRET_ACCESS_KEY"], region="us-east-1",
+                                        allow_bucket_creation=True)
+
+
+def upload(filesystem, local: Path, bucket_prefix: str) -> None:
+    for f in sorted(local.glob("*")):
+        if f.is_file():
+            with filesystem.open_output_stream(f"{bucket_prefix}/{f.name}") as out:
+                out.write(f.read_bytes())
+
+
+def test_parquet_images_on_s3_are_indexed_and_their_cells_read_by_a_task(s3, tmp_path, monkeypatch):
+    from test_parquet_images import write_files
+
+    endpoint, filesystem = s3
+    local = tmp_path / "pq"
+    write_files(local, "train", [6, 5, 4, 2], hf=True)
+    write_files(local, "test", [1, 1, 1, 1])
+    filesystem.create_dir("pq-bucket")
+    upload(filesystem, local, "pq-bucket/export")
+    for k, v in {**AWS, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(None, ["data.source=parquet_images", "data.root=s3://pq-bucket/export",
+                             "data.splits.train=train-{00000..00002}.parquet", "data.splits.test=test-00000.parquet"])
+    src = load_source(cfg.data)
+    assert list(src.counts()) == [6, 5, 4, 2] and src.table["id"][0].as_py() == "train-00000.parquet/0"
+    assert src.table["path"][0].as_py() == "pq-bucket/export/train-00000.parquet" and src.origin.startswith("s3://")
+    # A decode task gets the file system with its arguments (pickled), and reads the cells it names.
+    cols = ("path", "parquet_row", "image_column", "id", "label", "split")
+    batch = {c: src.table[c].to_numpy(zero_copy_only=False) for c in cols}
+    batch["row"] = np.arange(src.table.num_rows)
+    out = decode_batch(batch, DecodeSpec(size=8), pickle.loads(pickle.dumps(src.filesystem)))
+    assert out["ok"].all()
+    assert np.array_equal(out["pixels"][0], decode_image(str(local / ".img" / "0_0.png"), DecodeSpec(size=8)))
+
+
+@pytest.mark.ray
+def test_a_run_over_webdataset_shards_on_s3(s3, tmp_path):
+    """`raylt run` in its own process with its own local Ray, as a user runs it: the endpoint and
+    the credentials are in its environment, so in every Ray worker's."""
+    from test_webdataset import write_shards
+
+    endpoint, filesystem = s3
+    local = tmp_path / "wds"
+    write_shards(local, "train", [6, 4, 3, 2])
+    write_shards(local, "test", [1, 1, 1, 1])
+    filesystem.create_dir("wds-bucket")
+    upload(filesystem, local, "wds-bucket/shards")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(AWS, AWS_ENDPOINT_URL=endpoint, RAY_AUTH_MODE="disabled")
+    out = subprocess.run(
+        [sys.executable, "-m", "raylt", "run", "configs/demo.yaml", "data.source=webdataset",
+         "data.root=s3://wds-bucket/shards", "data.imbalance_ratio=null", "data.splits.train=train-{000..002}.tar", "data.splits.test=test-000.tar",
+         "backbone.image_size=8", "embed.shard_size=8", "train.epochs=2", "tracking.enabled=false", "ray.num_cpus=2",
+         f"store.root={tmp_path / 'store'}", f"train.output_dir={tmp_path / 'out'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "testing-secret" not in out.stdout + out.stderr
+    metrics = json.loads((tmp_path / "out" / "demo" / "metrics.json").read_text())
+    assert metrics["num_test"] == 4 and metrics["overall"] > 0.25
+    manifest = json.loads(next((tmp_path / "store").glob("*/manifest.json")).read_text())
+    assert manifest["embedded"] == 19 and manifest["skipped"] == 0
