@@ -70,10 +70,14 @@ def test_parquet_images_on_s3_are_indexed_and_their_cells_read_by_a_task(s3, tmp
 
 
 @pytest.mark.ray
-def test_a_run_over_webdataset_shards_on_s3(s3, tmp_path):
+def test_a_run_over_webdataset_shards_on_s3(s3, tmp_path, monkeypatch):
     """`raylt run` in its own process with its own local Ray, as a user runs it: the endpoint and
     the credentials are in its environment, so in every Ray worker's."""
+    import torch
     from test_webdataset import write_shards
+
+    from raylt.embed.backbones import build_encoder
+    from raylt.embed.store import read_store
 
     endpoint, filesystem = s3
     local = tmp_path / "wds"
@@ -94,5 +98,16 @@ def test_a_run_over_webdataset_shards_on_s3(s3, tmp_path):
     assert "testing-secret" not in out.stdout + out.stderr
     metrics = json.loads((tmp_path / "out" / "demo" / "metrics.json").read_text())
     assert metrics["num_test"] == 4 and metrics["overall"] > 0.25
-    manifest = json.loads(next((tmp_path / "store").glob("*/manifest.json")).read_text())
+    store = next((tmp_path / "store").glob("*/manifest.json")).parent
+    manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["embedded"] == 19 and manifest["skipped"] == 0
+    # Every sample of the shards, in shard order, embedded from its member's bytes.
+    for k, v in {**AWS, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    src = load_source(load_config(None, ["data.source=webdataset", "data.root=s3://wds-bucket/shards",
+                                         "data.splits.train=train-{000..002}.tar", "data.splits.test=test-000.tar"]).data)
+    table = read_store(store)
+    assert table["id"].to_pylist() == src.table["id"].to_pylist()
+    enc = build_encoder(load_config(None, ["backbone.image_size=8"]).backbone)
+    direct = enc.encode(torch.from_numpy(decode_image(str(local / ".tmp" / "red" / "train_0_0000.jpg"), enc.spec)[None]))
+    assert np.allclose(np.asarray(table["embedding"][0].as_py()), direct.numpy()[0], atol=1e-5)

@@ -1,5 +1,6 @@
-"""WebDataset tar shards (raylt.data.webdataset): the index of headers, bad records, and a run
-through real Ray Data that reads the members' byte ranges on the decode tasks."""
+"""WebDataset tar shards (raylt.data.webdataset): the index of headers and bad records. The run
+through real Ray Data, whose decode tasks read the members' byte ranges, reads them from object
+storage (tests/data/test_object_storage.py)."""
 
 from __future__ import annotations
 
@@ -123,23 +124,6 @@ def test_bad_records_are_counted_skips_or_one_line_errors_naming_shard_and_membe
         load_source(cfg_of(shards, train="train-{000,007}.tar").data)
     with pytest.raises(ConfigError, match="data.label_key 'png' is not one of cls, txt, json"):
         load_source(cfg_of(shards, "data.label_key=png").data)
-
-
-@pytest.mark.ray
-def test_a_run_over_shards_through_ray_data(ray_session, shards, tmp_path):
-    from raylt.embed.store import read_store
-    from raylt.pipeline import run
-
-    cfg = cfg_of(shards, "backbone.name=pixels", "backbone.image_size=8", "embed.shard_size=8", "train.epochs=2",
-                 f"store.root={tmp_path / 'store'}", f"train.output_dir={tmp_path / 'out'}", "tracking.enabled=false",
-                 "name=wds")
-    (result,) = run(cfg)
-    table = read_store(next((tmp_path / "store").glob("*/manifest.json")).parent)
-    src = load_source(cfg.data)
-    assert table["id"].to_pylist() == src.table["id"].to_pylist() and table.num_rows == 19
-    assert result.metrics["num_test"] == 4 and (tmp_path / "out" / "wds" / "metrics.json").is_file()
-    # pixel features of colour classes: the run's own test images are classified by colour
-    assert result.metrics["overall"] == 1.0
 
 
 def test_a_member_that_cannot_be_read_when_embedding_is_a_counted_skip(shards):

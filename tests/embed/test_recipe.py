@@ -20,6 +20,7 @@ def cfg_of(*extra):
 
 
 def test_the_precision_is_told_here_only_when_no_cluster_decides_it(monkeypatch):
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # no Ray in this process (the suite's may be up)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert local_precision(cfg_of("embed.precision=bf16", "ray.address=10.0.0.1:6379")) == "bf16"
     assert local_precision(cfg_of("ray.address=10.0.0.1:6379")) is None  # the cluster's GPUs decide
