@@ -11,7 +11,6 @@ pickle with their options), as Ray Data hands its tasks the `filesystem` it was 
 from __future__ import annotations
 
 import os
-import posixpath
 
 from raylt.config import expand_path
 from raylt.errors import DataError
@@ -36,10 +35,6 @@ def resolve(location: str):
         raise DataError(f"cannot open {location} ({str(e).splitlines()[0][:160]}); check the URI and the "
                         "credentials in the environment") from None
     return filesystem, path
-
-
-def join(root: str, *parts: str) -> str:
-    return posixpath.join(root, *parts)
 
 
 def open_input(path: str, filesystem, stream: bool = False):
