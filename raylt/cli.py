@@ -48,7 +48,7 @@ def cmd_embed(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     source = load_source(cfg.data)
-    found = finished_store(cfg, source)
+    found = None if args.retry_skipped else finished_store(cfg, source)
     if found is not None:  # nothing to compute and nothing new to log: no Ray, no MLflow run
         _print_store(found.path, found.manifest(), "reused")
         return 0
@@ -58,7 +58,7 @@ def cmd_embed(args) -> int:
     encoder = build_encoder(cfg.backbone)  # a bad backbone or missing weights: before an MLflow run starts
     tracking.check_reachable(cfg)
     with tracking.start_run(cfg, "embed") as run:
-        res = run_embed(cfg, source, encoder)
+        res = run_embed(cfg, source, encoder, retry_skipped=args.retry_skipped)
         if run is not None:
             tracking.log_embed(res)
     how = "reused" if res.reused else f"{res.computed_rows} images in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)"
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("embed", help="embed a data set into the embedding store (Ray Data)")
     _config_args(p)
+    p.add_argument("--retry-skipped", action="store_true",
+                   help="embed again the images a finished store skipped as unreadable (fixed since)")
     p.set_defaults(fn=cmd_embed)
     p = sub.add_parser("predict", help="top-k predictions of a logged model over images or embeddings (Ray Data)")
     p.add_argument("model", help="runs:/<run id>/model, models:/<name>/<version>, or a fit's output folder")

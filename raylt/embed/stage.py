@@ -187,13 +187,14 @@ def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_ba
     return done, warmup or 0.0
 
 
-def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None) -> EmbedResult:
+def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None, retry_skipped: bool = False) -> EmbedResult:
     """Embed every image of the configured data set into the store, reusing finished work
-    (`source` and `encoder`: the config's, when the caller has them already)."""
+    (`source` and `encoder`: the config's, when the caller has them already; `retry_skipped`:
+    embed again the shards of a finished store that skipped unreadable images)."""
     t0 = time.perf_counter()
     source = source or load_source(cfg.data)
     log.info("data: %s", source.summary())
-    found = finished_store(cfg, source)  # without the model or Ray (raylt.embed.recipe)
+    found = None if retry_skipped else finished_store(cfg, source)  # without the model or Ray (raylt.embed.recipe)
     if found is not None:
         log.info("embedding store %s is complete: reused", found.path)
         return EmbedResult(found.path, found.manifest(), True, 0, time.perf_counter() - t0)
@@ -213,6 +214,8 @@ def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None) -> E
             log.warning("embedding store %s: %d damaged shard(s) are recomputed: %s", store.path, len(damaged),
                         ", ".join(f"part-{k:05d} ({why})" for k, why in list(damaged.items())[:5]))
             store.drop(damaged)
+        if retry_skipped and (n := store.retry_skipped()):
+            log.info("embedding store %s: %d image(s) skipped earlier are tried again", store.path, n)
         pending = store.pending_shards()
         if not pending:
             log.info("embedding store %s is complete: reused", store.path)

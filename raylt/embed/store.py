@@ -204,6 +204,15 @@ class EmbeddingStore:
         if man.get("status") != "incomplete":
             self._write_manifest(status="incomplete")
 
+    def retry_skipped(self) -> int:
+        """Reopen a finished store some of whose images were skipped as unreadable, so that their
+        shards are computed again (they are retried until the store is complete, not after);
+        returns how many images that is."""
+        n = len(self.skipped())
+        if n and self.is_complete():
+            self._write_manifest(status="incomplete")
+        return n
+
     def pending_shards(self) -> list[int]:
         """Shards to (re)compute: no marker yet, or a marker with unread images."""
         if self.is_complete():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
+from conftest import COLORS, write_image
 
 from raylt.config import load_config
 from raylt.data import load_source
@@ -122,6 +122,19 @@ def test_unreadable_images_under_the_limit_are_skipped_and_reported(ray_session,
     assert "train/red/0.png" not in ids and "test/blue/t1.jpg" not in ids and len(ids) == 24
     markers = [json.loads(p.read_text()) for p in res.store.glob("part-*.json")]
     assert sorted(s["id"] for m in markers for s in m["skipped"]) == ["test/blue/t1.jpg", "train/red/0.png"]
+    # Fixed since: a finished store keeps its skips until asked (`raylt embed --retry-skipped`),
+    # which embeds again the shards that skipped images, and only those.
+    write_image(bad[0], COLORS[0])
+    write_image(bad[1], COLORS[2])
+    cfg = folder_cfg(image_tree, tmp_path / "store", "data.max_bad_fraction=0.1")
+    assert run_embed(cfg).reused and read_store(res.store).num_rows == 24
+    shards_with_skips = sorted(p.name for p in res.store.glob("part-*.json") if json.loads(p.read_text())["skipped"])
+    untouched = {p.name: p.stat().st_mtime_ns for p in res.store.glob("part-*.parquet")
+                 if p.with_suffix(".json").name not in shards_with_skips}
+    again = run_embed(cfg, retry_skipped=True)
+    assert not again.reused and again.computed_rows == 6 * len(shards_with_skips)
+    assert again.manifest["skipped"] == 0 and again.manifest["embedded"] == 26 and again.store == res.store
+    assert {n: (res.store / n).stat().st_mtime_ns for n in untouched} == untouched
 
 
 def test_demo_config_embeds_offline(ray_session, tmp_path):
