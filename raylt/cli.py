@@ -62,6 +62,8 @@ def cmd_embed(args) -> int:
         if run is not None:
             tracking.log_embed(res)
     how = "reused" if res.reused else f"{res.computed_rows} images in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)"
+    if res.computed_rows > res.encoded_rows:
+        how += f", {res.computed_rows - res.encoded_rows} of them from the image cache"
     _print_store(res.store, res.manifest, how)
     if run is not None:
         print(f"mlflow: run {run.info.run_id} in {tracking.redact(tracking.tracking_uri(cfg))}")

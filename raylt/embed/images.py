@@ -10,6 +10,7 @@ Output columns: `row`, `id`, `label`, `split`, `pixels` [S, S, 3] uint8, `ok`, `
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 from dataclasses import dataclass
@@ -118,26 +119,65 @@ def read_parquet_cells(paths, rows, columns, filesystem=None) -> list:
     return [ValueError("no image bytes in this row") if v is None else v for v in out]
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None) -> dict[str, np.ndarray]:
+def read_files(paths, filesystem=None) -> list:
+    """The whole bytes of each file, or the exception that reading it raised."""
+    out: list = []
+    for path in paths:
+        try:
+            with open_input(path, filesystem) as f:
+                out.append(f.read())
+        except OSError as e:
+            out.append(e)
+    return out
+
+
+def content_hash(data: bytes) -> bytes:
+    """What an image is known by in the image cache (raylt.embed.cache): SHA-256 of its encoded bytes."""
+    return hashlib.sha256(data).digest()
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None, known=None) -> dict[str, np.ndarray]:
     """Ray Data batch UDF: decode every row, marking failures instead of raising (`filesystem`:
-    the source's, for paths on object storage)."""
+    the source's, for paths on object storage).
+
+    With `known` (the sorted content hashes of the image cache, or a Ray reference to them),
+    each row also gets its `hash`, and a row whose image is known is marked `cached` and not
+    decoded: its embedding comes from the cache."""
     srcs = batch["path"] if "path" in batch else batch["image"]
     if "offset" in batch:  # members of shards: read the byte ranges here, on the decode task
         srcs = read_ranges(srcs, batch["offset"], batch["size"], filesystem)
     elif "parquet_row" in batch:  # cells of Parquet files: read their row groups here
         srcs = read_parquet_cells(srcs, batch["parquet_row"], batch["image_column"], filesystem)
+    elif known is not None and "path" in batch:  # the bytes are hashed, then decoded from memory
+        srcs = read_files(srcs, filesystem)
+    if known is not None and not isinstance(known, np.ndarray):
+        import ray
+
+        known = ray.get(known)  # zero-copy from the object store
     n = len(srcs)
     pixels = np.zeros((n, spec.size, spec.size, 3), dtype=np.uint8)
     ok = np.ones(n, dtype=bool)
     errors = np.full(n, "", dtype=object)
+    # uint8 [n, 32], not numpy bytes: Arrow reads numpy's fixed bytes as C strings, cut at a zero byte
+    hashes = np.zeros((n, 32), dtype=np.uint8)
+    cached = np.zeros(n, dtype=bool)
     for i, src in enumerate(srcs):
         try:
             if isinstance(src, Exception):
                 raise src
+            if known is not None:
+                digest = np.frombuffer(content_hash(bytes(src)), dtype="S32")
+                hashes[i] = digest.view(np.uint8)
+                at = np.searchsorted(known, digest)[0]
+                if at < len(known) and known[at] == digest[0]:
+                    cached[i] = True
+                    continue
             pixels[i] = decode_image(src if isinstance(src, (str, bytes)) else bytes(src), spec)
         except Exception as e:  # every decoder failure is a per-image skip, reported upstream
             ok[i] = False
             errors[i] = f"{type(e).__name__}: {e}"[:300]
     out = {k: batch[k] for k in ("row", "id", "label", "split")}
     out.update(pixels=pixels, ok=ok, error=errors)
+    if known is not None:
+        out.update(hash=hashes, cached=cached)
     return out

@@ -23,6 +23,7 @@ import torch
 from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, expand_path, to_dict
 from raylt.data import Source, load_source
 from raylt.embed.backbones import build_encoder
+from raylt.embed.cache import ImageCache
 from raylt.embed.images import decode_batch
 from raylt.embed.recipe import finished_store, recipe_key
 from raylt.embed.store import EmbeddingStore
@@ -41,6 +42,7 @@ class EmbedResult:
     computed_rows: int
     seconds: float
     warmup_s: float = 0.0  # stage start to the first embedded batch: worker and model start-up
+    encoded_rows: int = 0  # of computed_rows, those the encoder embedded (the rest: the image cache)
 
     @property
     def steady_images_per_s(self) -> float:
@@ -64,11 +66,12 @@ class EncodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"]
+        todo = ok & ~batch["cached"] if "cached" in batch else ok  # cached rows: the driver fills them in
         emb = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
-        if ok.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            emb[ok] = self.encoder.encode(pixels, self.precision).cpu().numpy()
-        out = {k: batch[k] for k in ("row", "id", "label", "split", "ok", "error")}
+        if todo.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][todo]))
+            emb[todo] = self.encoder.encode(pixels, self.precision).cpu().numpy()
+        out = {k: batch[k] for k in ("row", "id", "label", "split", "ok", "error", "hash", "cached") if k in batch}
         out["embedding"] = emb
         return out
 
@@ -128,13 +131,15 @@ def _too_many_bad(skipped: list[dict], total: int, max_fraction: float) -> str |
     )
 
 
-def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: ResourcePlan, filesystem=None):
+def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: ResourcePlan, filesystem=None,
+                  known=None):
     """Ray Data plan: blocks of source rows -> CPU decode tasks -> encoder actor pool
-    (`filesystem`: the source's, when its files are on object storage)."""
+    (`filesystem`: the source's, when its files are on object storage; `known`: a reference to
+    the image cache's hashes, whose images are not decoded or encoded again)."""
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"spec": encoder.spec, "filesystem": filesystem},
+        fn_kwargs={"spec": encoder.spec, "filesystem": filesystem, "known": known},
         batch_size=cfg.embed.decode_batch_size,
         compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
         num_cpus=1,
@@ -160,22 +165,43 @@ def usable_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return ok, errors
 
 
-def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_bad_fraction: float) -> tuple[int, float]:
+def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_bad_fraction: float,
+                      cache: ImageCache | None = None) -> tuple[int, int, float]:
     """Write results to the store as they arrive; stop as soon as too many images fail.
 
     Every shard with an unread image is pending, so this run sees all skips of the store.
-    Returns the rows done and the seconds until the first batch arrived (start-up).
+    Rows the decode tasks found in `cache` get their embeddings from it; the rows the encoder
+    embedded are added to it (every 4,096 and at the end, also when the run stops early).
+    Returns the rows done, those encoded, and the seconds until the first batch arrived.
     """
-    t0, done, skipped, warmup, shards = time.perf_counter(), 0, [], None, 0
+    t0, done, encoded, skipped, warmup, shards = time.perf_counter(), 0, 0, [], None, 0
+    new: list[tuple[np.ndarray, np.ndarray]] = []
     progress = Progress("embedded", n_rows, "images", log)
+
+    def flush() -> None:
+        if new:
+            cache.append(np.concatenate([h for h, _ in new]), np.concatenate([e for _, e in new]))
+            new.clear()
+
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            emb = batch["embedding"]
             ok, errors = usable_rows(batch)
             if warmup is None:
                 warmup = time.perf_counter() - t0
-            written = store.add(
-                batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"], errors
-            )
+            if cache is not None:
+                cached = batch["cached"] & ok
+                if cached.any():
+                    emb = np.array(emb)  # the batch's arrays may be read-only views of the object store
+                    emb[cached] = cache.get(batch["hash"][cached])
+                fresh = ok & ~cached
+                new.append((batch["hash"][fresh], emb[fresh]))
+                encoded += int(fresh.sum())
+                if sum(len(h) for h, _ in new) >= 4096:
+                    flush()
+            else:
+                encoded += int(ok.sum())
+            written = store.add(batch["row"], emb, ok, batch["label"], batch["split"], batch["id"], errors)
             done, shards = done + len(ok), shards + len(written)
             progress.update(done, f"{shards}/{store.num_shards} shards written")
             # Checked after the shards this batch completed are written, so they are kept.
@@ -184,7 +210,8 @@ def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_ba
                 raise DataError(msg)
     finally:
         progress.close()
-    return done, warmup or 0.0
+        flush()
+    return done, encoded, warmup or 0.0
 
 
 def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None, retry_skipped: bool = False) -> EmbedResult:
@@ -235,10 +262,15 @@ def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pend
         plan.precision, store.path,
     )
     t_run = time.perf_counter()
+    cache = ImageCache(store.path.parent, encoder.identity, plan.precision)
+    known = cache.known()
     ds = build_dataset(cfg, pending_blocks(source, store, pending, cfg.embed.decode_batch_size), encoder, plan,
-                       source.filesystem)
-    done, warmup = stream_into_store(ds, store, n_rows, source.table.num_rows, cfg.data.max_bad_fraction)
+                       source.filesystem, ray.put(known))
+    done, encoded, warmup = stream_into_store(ds, store, n_rows, source.table.num_rows, cfg.data.max_bad_fraction,
+                                              cache)
     elapsed = time.perf_counter() - t_run
+    if done > encoded:
+        log.info("%d of %d images were in the image cache (%s): %d encoded", done - encoded, done, cache.path, encoded)
     manifest = store.finalize(
         encoder.dim,
         # backbone_config: how to build the encoder again, so that a model fitted on this store
@@ -250,4 +282,4 @@ def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pend
         log.warning("%d unreadable images skipped, e.g. %s; all are listed in %s/part-*.json",
                     manifest["skipped"], _offenders(store.skipped(), 3), store.path)
     log.info("embedding store %s complete: %d embeddings, D=%d", store.path, manifest["embedded"], encoder.dim)
-    return EmbedResult(store.path, manifest, False, done, elapsed, warmup)
+    return EmbedResult(store.path, manifest, False, done, elapsed, warmup, encoded)

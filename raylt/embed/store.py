@@ -79,6 +79,16 @@ def _atomic_write_bytes(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_table(table: pa.Table, path: Path) -> pa.Buffer:
+    """`table` as a zstd Parquet file at `path`, published whole or not at all; its bytes
+    (hashed in memory by the caller: no second read of the file)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue()
+    _atomic_write_bytes(path, data)
+    return data
+
+
 def _read_json(path: Path) -> dict | None:
     """A JSON file of the store, or None when it is missing or cut short (a crash mid-write)."""
     try:
@@ -253,10 +263,7 @@ class EmbeddingStore:
             raise RuntimeError(f"shard {k} received rows other than {lo}..{hi - 1} exactly once")
         ok = cat["ok"]
         table = embedding_table(cat["emb"][ok], cat["labels"][ok], cat["splits"][ok], cat["ids"][ok])
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue()  # hashed in memory: no second read of the file
-        _atomic_write_bytes(self.path / f"part-{k:05d}.parquet", data)
+        data = atomic_write_table(table, self.path / f"part-{k:05d}.parquet")
         skipped = [{"id": i, "error": e} for i, e in zip(cat["ids"][~ok], cat["errors"][~ok])]
         _write_json(self.path / f"part-{k:05d}.json", {"rows": hi - lo, "embedded": int(ok.sum()), "skipped": skipped,
                                                       "sha256": hashlib.sha256(data).hexdigest()})

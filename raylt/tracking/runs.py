@@ -195,6 +195,7 @@ def log_embed(result) -> None:
             "embed_embedded": float(m["embedded"]),
             "embed_skipped": float(m["skipped"]),
             "embed_computed": float(result.computed_rows),
+            "embed_encoded": float(result.encoded_rows),  # the rest of embed_computed: the image cache
             "embed_seconds": float(result.seconds),
             "embed_images_per_s": float(result.images_per_s),
         })
