@@ -131,6 +131,30 @@ def read_files(paths, filesystem=None) -> list:
     return out
 
 
+def source_bytes(batch: dict[str, np.ndarray], filesystem=None) -> list:
+    """Each row's encoded image, read where the source keeps it: bytes, or the exception that
+    reading raised (a counted skip downstream)."""
+    if "offset" in batch:  # members of shards: their byte ranges
+        return read_ranges(batch["path"], batch["offset"], batch["size"], filesystem)
+    if "parquet_row" in batch:  # cells of Parquet files: their row groups
+        return read_parquet_cells(batch["path"], batch["parquet_row"], batch["image_column"], filesystem)
+    if "path" in batch:
+        return read_files(batch["path"], filesystem)
+    return [bytes(b) for b in batch["image"]]
+
+
+def hash_batch(batch: dict[str, np.ndarray], filesystem=None) -> dict[str, np.ndarray]:
+    """Ray Data batch UDF: each row's content hash (uint8 [n, 32]; `readable` False where the
+    bytes could not be read: such rows go on to be decoded, and skipped with their reason)."""
+    srcs = source_bytes(batch, filesystem)
+    hashes = np.zeros((len(srcs), 32), dtype=np.uint8)
+    readable = np.array([not isinstance(s, Exception) for s in srcs], dtype=bool)
+    for i, s in enumerate(srcs):
+        if readable[i]:
+            hashes[i] = np.frombuffer(content_hash(bytes(s)), dtype=np.uint8)
+    return {"row": batch["row"], "hash": hashes, "readable": readable}
+
+
 def content_hash(data: bytes) -> bytes:
     """What an image is known by in the image cache (raylt.embed.cache): SHA-256 of its encoded bytes."""
     return hashlib.sha256(data).digest()
@@ -143,13 +167,9 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None
     With `known` (the sorted content hashes of the image cache, or a Ray reference to them),
     each row also gets its `hash`, and a row whose image is known is marked `cached` and not
     decoded: its embedding comes from the cache."""
-    srcs = batch["path"] if "path" in batch else batch["image"]
-    if "offset" in batch:  # members of shards: read the byte ranges here, on the decode task
-        srcs = read_ranges(srcs, batch["offset"], batch["size"], filesystem)
-    elif "parquet_row" in batch:  # cells of Parquet files: read their row groups here
-        srcs = read_parquet_cells(srcs, batch["parquet_row"], batch["image_column"], filesystem)
-    elif known is not None and "path" in batch:  # the bytes are hashed, then decoded from memory
-        srcs = read_files(srcs, filesystem)
+    # a plain file is opened by the decoder itself (JPEG draft mode), unless its bytes are hashed
+    srcs = batch["path"] if "path" in batch and known is None and "offset" not in batch and "parquet_row" not in batch \
+        else source_bytes(batch, filesystem)
     if known is not None and not isinstance(known, np.ndarray):
         import ray
 

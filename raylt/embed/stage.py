@@ -23,8 +23,8 @@ import torch
 from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, expand_path, to_dict
 from raylt.data import Source, load_source
 from raylt.embed.backbones import build_encoder
-from raylt.embed.cache import ImageCache
-from raylt.embed.images import decode_batch
+from raylt.embed.cache import ImageCache, as_hashes
+from raylt.embed.images import decode_batch, hash_batch
 from raylt.embed.recipe import finished_store, recipe_key
 from raylt.embed.store import EmbeddingStore
 from raylt.errors import DataError
@@ -253,6 +253,30 @@ def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None, retr
         return res
 
 
+def _fill_from_cache(blocks: list[pa.Table], source: Source, store: EmbeddingStore, cache: ImageCache,
+                     plan: ResourcePlan) -> np.ndarray:
+    """Hash the pending rows' bytes (CPU tasks: read and SHA-256, no decoding) and put the rows
+    whose image the cache holds into the store from it; returns those rows."""
+    ds = ray.data.from_arrow(blocks).map_batches(
+        hash_batch, fn_kwargs={"filesystem": source.filesystem}, batch_size=1024,
+        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks), num_cpus=1,
+    )
+    known, done = cache.known(), []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        rows, hashes = batch["row"][batch["readable"]], as_hashes(batch["hash"][batch["readable"]])
+        at = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
+        hit = known[at] == hashes
+        if not hit.any():
+            continue
+        rows = rows[hit]
+        t = source.table.take(pa.array(rows))
+        store.add(rows, cache.get(hashes[hit]), np.ones(len(rows), bool), t["label"].to_numpy(),
+                  t["split"].to_numpy(zero_copy_only=False), t["id"].to_numpy(zero_copy_only=False),
+                  np.full(len(rows), "", dtype=object))
+        done.append(rows)
+    return np.concatenate(done) if done else np.zeros(0, np.int64)
+
+
 def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pending: list[int], encoder,
                    plan: ResourcePlan) -> EmbedResult:
     n_rows = sum(hi - lo for lo, hi in map(store.shard_rows, pending))
@@ -264,10 +288,17 @@ def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pend
     t_run = time.perf_counter()
     cache = ImageCache(store.path.parent, encoder.identity, plan.precision)
     known = cache.known()
-    ds = build_dataset(cfg, pending_blocks(source, store, pending, cfg.embed.decode_batch_size), encoder, plan,
-                       source.filesystem, ray.put(known))
-    done, encoded, warmup = stream_into_store(ds, store, n_rows, source.table.num_rows, cfg.data.max_bad_fraction,
-                                              cache)
+    blocks = pending_blocks(source, store, pending, cfg.embed.decode_batch_size)
+    cached = _fill_from_cache(blocks, source, store, cache, plan) if len(known) else np.zeros(0, np.int64)
+    if len(cached):  # the rest go through the decode tasks and the encoder
+        blocks = [b for b in (b.filter(pa.array(~np.isin(b["row"].to_numpy(), cached))) for b in blocks) if b.num_rows]
+    done = encoded = 0
+    warmup = 0.0
+    if blocks:
+        ds = build_dataset(cfg, blocks, encoder, plan, source.filesystem, ray.put(known))
+        done, encoded, warmup = stream_into_store(ds, store, n_rows - len(cached), source.table.num_rows,
+                                                  cfg.data.max_bad_fraction, cache)
+    done += len(cached)
     elapsed = time.perf_counter() - t_run
     if done > encoded:
         log.info("%d of %d images were in the image cache (%s): %d encoded", done - encoded, done, cache.path, encoded)
