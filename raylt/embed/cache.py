@@ -8,9 +8,10 @@ data set, split file or version names it: adding N images to a corpus embeds N i
 second data set that shares images with the first reuses them.
 
 The data sets' stores (`raylt.embed.store`) stay as they are, row-aligned and checksummed: the
-cache only decides which rows must go through the encoder. The decode tasks hash each image's
-bytes (they read them anyway) and skip decoding the known ones; the driver fills those rows in
-from the cache and appends the new ones. Each append is a new file written atomically under the
+cache only decides which rows must go through the encoder. A hashing pass (CPU tasks that read
+and hash, no decoding) finds the pending rows whose image is known, and the driver puts them
+into the store from the cache; only the rest are decoded and encoded, and the decode tasks hash
+what they read, so that the driver appends the new embeddings. Each append is a new file written atomically under the
 cache's lock, so a crash leaves the cache as it was, and two writers never clash.
 """
 

@@ -160,44 +160,32 @@ def content_hash(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None, known=None) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None,
+                 hashes: bool = False) -> dict[str, np.ndarray]:
     """Ray Data batch UDF: decode every row, marking failures instead of raising (`filesystem`:
-    the source's, for paths on object storage).
-
-    With `known` (the sorted content hashes of the image cache, or a Ray reference to them),
-    each row also gets its `hash`, and a row whose image is known is marked `cached` and not
-    decoded: its embedding comes from the cache."""
+    the source's, for paths on object storage; `hashes`: also each row's content `hash`, under
+    which the image cache keeps its embedding)."""
     # a plain file is opened by the decoder itself (JPEG draft mode), unless its bytes are hashed
-    srcs = batch["path"] if "path" in batch and known is None and "offset" not in batch and "parquet_row" not in batch \
+    srcs = batch["path"] if "path" in batch and not hashes and "offset" not in batch and "parquet_row" not in batch \
         else source_bytes(batch, filesystem)
-    if known is not None and not isinstance(known, np.ndarray):
-        import ray
-
-        known = ray.get(known)  # zero-copy from the object store
     n = len(srcs)
     pixels = np.zeros((n, spec.size, spec.size, 3), dtype=np.uint8)
     ok = np.ones(n, dtype=bool)
     errors = np.full(n, "", dtype=object)
     # uint8 [n, 32], not numpy bytes: Arrow reads numpy's fixed bytes as C strings, cut at a zero byte
-    hashes = np.zeros((n, 32), dtype=np.uint8)
-    cached = np.zeros(n, dtype=bool)
+    digests = np.zeros((n, 32), dtype=np.uint8)
     for i, src in enumerate(srcs):
         try:
             if isinstance(src, Exception):
                 raise src
-            if known is not None:
-                digest = np.frombuffer(content_hash(bytes(src)), dtype="S32")
-                hashes[i] = digest.view(np.uint8)
-                at = np.searchsorted(known, digest)[0]
-                if at < len(known) and known[at] == digest[0]:
-                    cached[i] = True
-                    continue
+            if hashes:
+                digests[i] = np.frombuffer(content_hash(bytes(src)), dtype=np.uint8)
             pixels[i] = decode_image(src if isinstance(src, (str, bytes)) else bytes(src), spec)
         except Exception as e:  # every decoder failure is a per-image skip, reported upstream
             ok[i] = False
             errors[i] = f"{type(e).__name__}: {e}"[:300]
     out = {k: batch[k] for k in ("row", "id", "label", "split")}
     out.update(pixels=pixels, ok=ok, error=errors)
-    if known is not None:
-        out.update(hash=hashes, cached=cached)
+    if hashes:
+        out["hash"] = digests
     return out

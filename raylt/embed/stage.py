@@ -42,7 +42,7 @@ class EmbedResult:
     computed_rows: int
     seconds: float
     warmup_s: float = 0.0  # stage start to the first embedded batch: worker and model start-up
-    encoded_rows: int = 0  # of computed_rows, those the encoder embedded (the rest: the image cache)
+    encoded_rows: int = 0  # of computed_rows, those through the decode tasks and the encoder (the rest: the image cache)
 
     @property
     def steady_images_per_s(self) -> float:
@@ -66,12 +66,11 @@ class EncodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"]
-        todo = ok & ~batch["cached"] if "cached" in batch else ok  # cached rows: the driver fills them in
         emb = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
-        if todo.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][todo]))
-            emb[todo] = self.encoder.encode(pixels, self.precision).cpu().numpy()
-        out = {k: batch[k] for k in ("row", "id", "label", "split", "ok", "error", "hash", "cached") if k in batch}
+        if ok.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            emb[ok] = self.encoder.encode(pixels, self.precision).cpu().numpy()
+        out = {k: batch[k] for k in ("row", "id", "label", "split", "ok", "error", "hash") if k in batch}
         out["embedding"] = emb
         return out
 
@@ -132,14 +131,14 @@ def _too_many_bad(skipped: list[dict], total: int, max_fraction: float) -> str |
 
 
 def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: ResourcePlan, filesystem=None,
-                  known=None):
+                  hashes: bool = False):
     """Ray Data plan: blocks of source rows -> CPU decode tasks -> encoder actor pool
-    (`filesystem`: the source's, when its files are on object storage; `known`: a reference to
-    the image cache's hashes, whose images are not decoded or encoded again)."""
+    (`filesystem`: the source's, when its files are on object storage; `hashes`: each row's
+    content hash too, for the image cache)."""
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"spec": encoder.spec, "filesystem": filesystem, "known": known},
+        fn_kwargs={"spec": encoder.spec, "filesystem": filesystem, "hashes": hashes},
         batch_size=cfg.embed.decode_batch_size,
         compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
         num_cpus=1,
@@ -166,15 +165,14 @@ def usable_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_bad_fraction: float,
-                      cache: ImageCache | None = None) -> tuple[int, int, float]:
+                      cache: ImageCache | None = None) -> tuple[int, float]:
     """Write results to the store as they arrive; stop as soon as too many images fail.
 
     Every shard with an unread image is pending, so this run sees all skips of the store.
-    Rows the decode tasks found in `cache` get their embeddings from it; the rows the encoder
-    embedded are added to it (every 4,096 and at the end, also when the run stops early).
-    Returns the rows done, those encoded, and the seconds until the first batch arrived.
+    The rows embedded are added to `cache` (every 4,096 and at the end, also when the run stops
+    early). Returns the rows done and the seconds until the first batch arrived.
     """
-    t0, done, encoded, skipped, warmup, shards = time.perf_counter(), 0, 0, [], None, 0
+    t0, done, skipped, warmup, shards = time.perf_counter(), 0, [], None, 0
     new: list[tuple[np.ndarray, np.ndarray]] = []
     progress = Progress("embedded", n_rows, "images", log)
 
@@ -185,23 +183,15 @@ def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_ba
 
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            emb = batch["embedding"]
             ok, errors = usable_rows(batch)
             if warmup is None:
                 warmup = time.perf_counter() - t0
             if cache is not None:
-                cached = batch["cached"] & ok
-                if cached.any():
-                    emb = np.array(emb)  # the batch's arrays may be read-only views of the object store
-                    emb[cached] = cache.get(batch["hash"][cached])
-                fresh = ok & ~cached
-                new.append((batch["hash"][fresh], emb[fresh]))
-                encoded += int(fresh.sum())
+                new.append((batch["hash"][ok], batch["embedding"][ok]))
                 if sum(len(h) for h, _ in new) >= 4096:
                     flush()
-            else:
-                encoded += int(ok.sum())
-            written = store.add(batch["row"], emb, ok, batch["label"], batch["split"], batch["id"], errors)
+            written = store.add(batch["row"], batch["embedding"], ok, batch["label"], batch["split"], batch["id"],
+                                errors)
             done, shards = done + len(ok), shards + len(written)
             progress.update(done, f"{shards}/{store.num_shards} shards written")
             # Checked after the shards this batch completed are written, so they are kept.
@@ -211,7 +201,7 @@ def stream_into_store(ds, store: EmbeddingStore, n_rows: int, total: int, max_ba
     finally:
         progress.close()
         flush()
-    return done, encoded, warmup or 0.0
+    return done, warmup or 0.0
 
 
 def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None, retry_skipped: bool = False) -> EmbedResult:
@@ -292,13 +282,12 @@ def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pend
     cached = _fill_from_cache(blocks, source, store, cache, plan) if len(known) else np.zeros(0, np.int64)
     if len(cached):  # the rest go through the decode tasks and the encoder
         blocks = [b for b in (b.filter(pa.array(~np.isin(b["row"].to_numpy(), cached))) for b in blocks) if b.num_rows]
-    done = encoded = 0
-    warmup = 0.0
+    encoded, warmup = 0, 0.0
     if blocks:
-        ds = build_dataset(cfg, blocks, encoder, plan, source.filesystem, ray.put(known))
-        done, encoded, warmup = stream_into_store(ds, store, n_rows - len(cached), source.table.num_rows,
-                                                  cfg.data.max_bad_fraction, cache)
-    done += len(cached)
+        ds = build_dataset(cfg, blocks, encoder, plan, source.filesystem, hashes=True)
+        encoded, warmup = stream_into_store(ds, store, n_rows - len(cached), source.table.num_rows,
+                                            cfg.data.max_bad_fraction, cache)
+    done = encoded + len(cached)
     elapsed = time.perf_counter() - t_run
     if done > encoded:
         log.info("%d of %d images were in the image cache (%s): %d encoded", done - encoded, done, cache.path, encoded)
