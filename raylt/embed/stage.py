@@ -130,6 +130,12 @@ def _too_many_bad(skipped: list[dict], total: int, max_fraction: float) -> str |
     )
 
 
+def decode_pool(plan: ResourcePlan, blocks: list) -> int:
+    """Decode tasks for `blocks`: no more than there are blocks (a few added images are one
+    block, and Ray Data warns of a pool larger than its input)."""
+    return max(1, min(plan.decode_tasks, len(blocks)))
+
+
 def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: ResourcePlan, filesystem=None,
                   hashes: bool = False):
     """Ray Data plan: blocks of source rows -> CPU decode tasks -> encoder actor pool
@@ -140,7 +146,7 @@ def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: Resou
         decode_batch,
         fn_kwargs={"spec": encoder.spec, "filesystem": filesystem, "hashes": hashes},
         batch_size=cfg.embed.decode_batch_size,
-        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
+        compute=ray.data.TaskPoolStrategy(size=decode_pool(plan, blocks)),
         num_cpus=1,
     )
     return ds.map_batches(
@@ -249,7 +255,7 @@ def _fill_from_cache(blocks: list[pa.Table], source: Source, store: EmbeddingSto
     whose image the cache holds into the store from it; returns those rows."""
     ds = ray.data.from_arrow(blocks).map_batches(
         hash_batch, fn_kwargs={"filesystem": source.filesystem}, batch_size=1024,
-        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks), num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=decode_pool(plan, blocks)), num_cpus=1,
     )
     known, done = cache.known(), []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

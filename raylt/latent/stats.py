@@ -22,7 +22,10 @@ rank-r approximation of the stacked Gram otherwise (as in incremental PCA).
 
 from __future__ import annotations
 
+import os
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -92,6 +95,7 @@ def _truncate(stacked: np.ndarray, rank: int, exact: bool = False) -> np.ndarray
 
 _OVERSAMPLE = 10  # extra probe directions of the range finder
 _POWER = 1  # subspace iterations: 1 keeps 0.97-0.98 of the optimal rank-16 energy on structured embeddings at 2/3 of the time of 2 (0.99); the rest goes to the pooled term (docs/BENCHMARKS.md)
+_PROBE_SEED = 0x5EED
 _RANDOMIZED_ABOVE = 3  # blocks with both sides above 3 (rank + oversample) take the range finder
 
 
@@ -100,7 +104,7 @@ def _range_root(a: np.ndarray, rank: int) -> np.ndarray:
     (Halko, Martinsson and Tropp 2011, algorithm 4.4): exact while `a` has rank at most
     rank + oversample, and otherwise converging to the leading directions with each power step.
     The probe is seeded, so a class's root does not depend on anything but its rows."""
-    probe = np.random.default_rng(0x5EED).standard_normal((a.shape[1], rank + _OVERSAMPLE))
+    probe = np.random.default_rng(_PROBE_SEED).standard_normal((a.shape[1], rank + _OVERSAMPLE))
     q = np.linalg.qr(a @ probe)[0]
     for _ in range(_POWER):
         q = np.linalg.qr(a @ np.linalg.qr(a.T @ q)[0])[0]
@@ -202,24 +206,80 @@ def tree_reduce(items, fn):
             item = fn(stack.pop()[1], item)
             level += 1
         stack.append((level, item))
-    if not stack:
-        raise ValueError("no moments to merge")
-    item = stack.pop()[1]
-    while stack:
-        item = fn(stack.pop()[1], item)
-    return item
+    return fold_right([item for _, item in stack], fn)
 
 
 def merge_all(parts: list[ClassMoments]) -> ClassMoments:
     return tree_reduce(parts, merge)
 
 
+def aligned_blocks(n: int) -> list[tuple[int, int]]:
+    """[0, n) as aligned power-of-two blocks, one per binary digit of n, largest first: the
+    subtrees `tree_reduce` holds after n items. Its result is their merge from the right
+    (`fold_right`), each block a perfect pairwise tree. The first blocks of n stay the first
+    blocks of any larger count with the same leading items, which is what lets the moments of a
+    grown set of files reuse those of its unchanged prefix (raylt.latent.blocks)."""
+    out, lo = [], 0
+    for bit in reversed(range(n.bit_length())):
+        if n >> bit & 1:
+            out.append((lo, lo + (1 << bit)))
+            lo += 1 << bit
+    return out
+
+
+def block_tree(n: int, leaf, join, size: int = 1, kept=None, within=frozenset()) -> list[tuple[int, int, object, bool]]:
+    """The tree `tree_reduce` forms over items [0, n), with subtrees taken from `kept` where it
+    has them: for each of `aligned_blocks(n)`, (lo, hi, its value, whether it was kept); their
+    `fold_right` by `join` is the result.
+
+    A block is `kept(lo, hi)` when that gives a value; otherwise `leaf(lo, hi)` when it has at
+    most `size` items and no kept block lies within it (`within`: the (lo, hi) of every kept
+    block), else the `join` of its two halves, each formed the same way. `leaf` must form the
+    pairwise tree over its items itself (`tree_reduce`, as a task over a group of files does).
+    """
+    def node(lo: int, hi: int):
+        got = kept(lo, hi) if kept is not None else None
+        if got is not None:
+            return got, True
+        if hi - lo > size or any(lo <= a and b <= hi and b - a < hi - lo for a, b in within):
+            mid = (lo + hi) // 2
+            return join(node(lo, mid)[0], node(mid, hi)[0]), False
+        return leaf(lo, hi), False
+
+    return [(lo, hi, *node(lo, hi)) for lo, hi in aligned_blocks(n)]
+
+
+def fold_right(items: list, fn):
+    """fn(items[0], fn(items[1], ... fn(items[-2], items[-1]))): how `tree_reduce` ends."""
+    if not items:
+        raise ValueError("no moments to merge")
+    item = items[-1]
+    for left in reversed(items[:-1]):
+        item = fn(left, item)
+    return item
+
+
+# What the moments' floating-point values depend on besides the rows: cached moments made with
+# other settings are not reused (raylt.latent.blocks).
+ALGORITHM = {"chunk_rows": _CHUNK_ROWS, "oversample": _OVERSAMPLE, "power": _POWER,
+             "randomized_above": _RANDOMIZED_ABOVE, "probe_seed": _PROBE_SEED}
+
+
 # ----------------------------------------------------------------------------- artifact
 
 
+# What reading a cut-short or altered moments file raises.
+DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
 def save_moments(m: ClassMoments, path, class_names: list[str] | tuple[str, ...]) -> None:
-    np.savez(path, counts=m.counts, means=m.means, pooled=m.pooled, roots=m.roots, traces=m.traces,
+    """Written to a file of this process first, then renamed: a crash never leaves a
+    half-written artifact, and parallel writers of one cache never read each other's."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, counts=m.counts, means=m.means, pooled=m.pooled, roots=m.roots, traces=m.traces,
              class_names=np.asarray(class_names, dtype=str))
+    os.replace(tmp, path)
 
 
 def load_moments(path) -> tuple[ClassMoments, list[str]]:

@@ -56,3 +56,46 @@ def test_added_images_are_the_only_ones_embedded_and_a_second_data_set_reuses_th
         again = run_embed(cfg_of(copy, tmp_path / "store", "data.splits.train=train", "embed.shard_size=7"))
     assert "cannot be read and is removed: its images are embedded again" in caplog.text
     assert again.encoded_rows == 21
+
+
+def test_a_grown_stores_class_statistics_reuse_the_old_blocks_and_equal_a_full_recompute(
+        ray_session, image_tree, tmp_path, caplog):
+    from raylt.embed.inputs import open_embeddings
+    from raylt.latent.stats_ray import class_stats, reduce_moments, store_blocks
+
+    def stats_of(store):
+        es = open_embeddings(store)
+        with caplog.at_level(logging.INFO, logger="raylt.latent.stats_ray"):
+            caplog.clear()
+            moments, _ = class_stats(es, 2, "identity", tmp_path / "fit" / store.name)
+        # The same files reduced from scratch, nothing kept: the reference.
+        return es, moments, reduce_moments(list(es.files), es.num_classes, 2)
+
+    def same(a, b):
+        return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("counts", "means", "pooled", "roots", "traces"))
+
+    train = ["data.splits.train=train", "embed.shard_size=3"]  # 18 rows: 6 full shards
+    old = run_embed(cfg_of(image_tree, tmp_path / "store", *train))
+    es, kept, whole = stats_of(old.store)
+    assert same(kept, whole) and store_blocks(es, 2, "identity").present() == {(0, 4), (4, 6)}
+    # Three more yellow images: rows 18-20, the last rows of the source; the first 6 shards are unchanged.
+    for i in range(3):
+        write_image(image_tree / "train" / "yellow" / f"new{i}.png", COLORS[3])
+    grown = run_embed(cfg_of(image_tree, tmp_path / "store", *train))
+    assert grown.store != old.store and grown.encoded_rows == 3
+    es, merged, whole = stats_of(grown.store)
+    assert "the moments of 6 of 7 files kept from" in caplog.text
+    assert list(merged.counts) == [3, 5, 8, 5] and same(merged, whole)  # value for value, roots included
+    # One more (a partial last shard): the block holding it is not kept, the one before it is.
+    write_image(image_tree / "train" / "yellow" / "new3.png", COLORS[3])
+    again = run_embed(cfg_of(image_tree, tmp_path / "store", *train))
+    es, merged, whole = stats_of(again.store)
+    assert "the moments of 7 of 8 files kept from" in caplog.text and same(merged, whole)
+    assert (0, 8) not in store_blocks(es, 2, "identity").present()
+    # A kept block cut short is read again, with a warning, and the result does not change.
+    for f in (tmp_path / "store" / "moments").glob("block-*.npz"):
+        f.write_bytes(f.read_bytes()[:100])
+    shutil.rmtree(tmp_path / "fit")
+    with caplog.at_level(logging.WARNING, logger="raylt.latent.blocks"):
+        es, merged, whole = stats_of(again.store)
+    assert "are damaged" in caplog.text and same(merged, whole)

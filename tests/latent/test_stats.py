@@ -135,22 +135,25 @@ def test_merge_into_a_running_total_equals_the_copying_merge():
         assert np.allclose(getattr(total, field), getattr(copied, field)), field
 
 
-@pytest.mark.parametrize("files,tasks,sizes", [(8, 2, [4, 4]), (7, 2, [4, 3]), (9, 2, [8, 1]), (3, 8, [1, 1, 1]),
-                                             (5, 5, [1] * 5), (1, 2, [1])])
-def test_files_are_grouped_in_aligned_power_of_two_blocks(files, tasks, sizes):
-    from raylt.latent.stats_ray import file_groups
+@pytest.mark.parametrize("files,tasks,size", [(8, 2, 4), (7, 2, 4), (9, 2, 8), (3, 8, 1), (5, 5, 1), (1, 2, 1)])
+def test_files_per_task_is_a_power_of_two_giving_at_most_a_group_per_cpu(files, tasks, size):
+    from raylt.latent.stats_ray import group_size
 
-    names = [f"part-{i}" for i in range(files)]
-    groups = file_groups(names, tasks)
-    assert [len(g) for g in groups] == sizes
-    assert sum(groups, []) == names  # every file once, in order
+    assert group_size(files, tasks) == size
+
+
+def test_aligned_blocks_follow_the_binary_digits_of_the_count():
+    from raylt.latent.stats import aligned_blocks
+
+    assert aligned_blocks(11) == [(0, 8), (8, 10), (10, 11)]
+    assert aligned_blocks(8) == [(0, 8)] and aligned_blocks(0) == []
 
 
 def test_grouped_streamed_merges_form_the_tree_of_a_task_per_file():
-    """The roots' truncation depends on the order of merges: grouping by the cluster's CPUs must
-    not change it, or one node and two would give different moments."""
-    from raylt.latent.stats import tree_reduce
-    from raylt.latent.stats_ray import file_groups
+    """The roots' truncation depends on the order of merges: grouping by the cluster's CPUs, or
+    taking blocks from kept ones, must not change it, or one node and two, or a grown store and
+    a fresh one, would give different moments."""
+    from raylt.latent.stats import block_tree, fold_right, tree_reduce
 
     def fn(a, b):
         return f"({a} {b})"
@@ -158,8 +161,26 @@ def test_grouped_streamed_merges_form_the_tree_of_a_task_per_file():
     # Pairs level by level, an odd last item passed up.
     assert tree_reduce(iter("0123456"), fn) == "(((0 1) (2 3)) ((4 5) 6))"
     assert tree_reduce(iter("01234"), fn) == "(((0 1) (2 3)) 4)"
-    for n in range(1, 12):
+    for n in range(1, 14):
         names = [str(i) for i in range(n)]
         whole = tree_reduce(iter(names), fn)
-        for tasks in (1, 2, 3, 4, 16):
-            assert tree_reduce([tree_reduce(g, fn) for g in file_groups(names, tasks)], fn) == whole, (n, tasks)
+
+        def leaf(lo, hi):
+            return tree_reduce(names[lo:hi], fn)
+
+        for size in (1, 2, 4, 8, 16):
+            parts = block_tree(n, leaf, fn, size)
+            assert fold_right([p[2] for p in parts], fn) == whole, (n, size)
+            assert not any(p[3] for p in parts)
+        # Kept blocks of a shorter prefix (its aligned blocks, as a smaller store keeps them).
+        for m in range(1, n):
+            had = {(lo, hi): tree_reduce(names[lo:hi], fn) for lo, hi, _, _ in block_tree(m, leaf, fn)}
+            used = []
+
+            def kept(lo, hi):
+                used.append((lo, hi)) if (lo, hi) in had else None
+                return had.get((lo, hi))
+
+            parts = block_tree(n, leaf, fn, 4, kept, frozenset(had))
+            assert fold_right([p[2] for p in parts], fn) == whole, (n, m)
+            assert (0, 1 << (m.bit_length() - 1)) in used  # the prefix's largest block is taken, not formed
