@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import logging
 
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("raylt").setLevel(logging.INFO)
     import ray
 
     from raylt.config import load_config

@@ -104,6 +104,19 @@ def plan_resources(cfg: EmbedConfig, cpus: int, gpus: int) -> ResourcePlan:
     return ResourcePlan(actors, 1 if gpus else 0, threads, decoders, precision)
 
 
+_BLOCK_ROWS = 1024  # most source rows per Ray Data block (see block_rows)
+
+
+def block_rows(decode_batch_size: int, decode_tasks: int, n_rows: int) -> int:
+    """Source rows per Ray Data block: four or more blocks per decode task, so that the tasks
+    share the work evenly, but no fewer rows than a decode batch and up to 1,024. Every block
+    costs the driver about 5 ms to hand over and a task to start: in blocks of 64 rows, Ray
+    Data's own overhead was 5 s per 20,000 images on 2 CPUs, against 0.4 s in blocks of 1,024
+    (the tiny model embeds 20,000 images in 20 s). A task streams its output batch by batch,
+    so a larger block does not hold more pixels in memory."""
+    return max(decode_batch_size, min(_BLOCK_ROWS, -(-n_rows // (4 * max(decode_tasks, 1)))))
+
+
 def pending_blocks(source: Source, store: EmbeddingStore, shards: list[int], block_rows: int) -> list[pa.Table]:
     """The source rows of the pending shards, cut into blocks (one decode task each)."""
     table = source.table.append_column("row", pa.array(np.arange(source.table.num_rows, dtype=np.int64)))
@@ -284,7 +297,7 @@ def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pend
     t_run = time.perf_counter()
     cache = ImageCache(store.path.parent, encoder.identity, plan.precision)
     known = cache.known()
-    blocks = pending_blocks(source, store, pending, cfg.embed.decode_batch_size)
+    blocks = pending_blocks(source, store, pending, block_rows(cfg.embed.decode_batch_size, plan.decode_tasks, n_rows))
     cached = _fill_from_cache(blocks, source, store, cache, plan) if len(known) else np.zeros(0, np.int64)
     if len(cached):  # the rest go through the decode tasks and the encoder
         blocks = [b for b in (b.filter(pa.array(~np.isin(b["row"].to_numpy(), cached))) for b in blocks) if b.num_rows]

@@ -121,5 +121,5 @@ def test_the_inat2018_job_config_runs_through_ray_data(ray_session, inat, tmp_pa
     table = read_store(next((tmp_path / "store").glob("*/manifest.json")).parent)
     assert table.num_rows == 23 and table["id"][0].as_py() == "train_val2018/Aves/0/00000000.jpg"
     enc = build_encoder(load_config(None, ["backbone.image_size=8"]).backbone)
-    direct = enc.encode(torch.from_numpy(decode_image(str(inat / table["id"][0].as_py()), enc.spec)[None]))
+    direct = enc.encode(torch.from_numpy(np.array(decode_image(str(inat / table["id"][0].as_py()), enc.spec)[None])))
     assert np.allclose(np.asarray(table["embedding"][0].as_py()), direct.numpy()[0], atol=1e-5)
