@@ -50,7 +50,7 @@ def cmd_embed(args) -> int:
     source = load_source(cfg.data)
     found = None if args.retry_skipped else finished_store(cfg, source)
     if found is not None:  # nothing to compute and nothing new to log: no Ray, no MLflow run
-        _print_store(found.path, found.manifest(), "reused")
+        _print_store(cfg, found.path, found.manifest(), "reused")
         return 0
     from raylt.embed.backbones import build_encoder  # torch and Ray: only when there is work
     from raylt.embed.stage import run_embed
@@ -64,14 +64,16 @@ def cmd_embed(args) -> int:
     how = "reused" if res.reused else f"{res.computed_rows} images in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)"
     if res.computed_rows > res.encoded_rows:
         how += f", {res.computed_rows - res.encoded_rows} of them from the image cache"
-    _print_store(res.store, res.manifest, how)
+    _print_store(cfg, res.store, res.manifest, how)
     if run is not None:
         print(f"mlflow: run {run.info.run_id} in {tracking.redact(tracking.tracking_uri(cfg))}")
     return 0
 
 
-def _print_store(path, m: dict, how: str) -> None:
-    print(f"store: {path}")
+def _print_store(cfg, path, m: dict, how: str) -> None:
+    from raylt.embed.mirror import store_location
+
+    print(f"store: {store_location(cfg.store.root, path)}")
     print(f"embeddings: {m['embedded']} (D={m['dim']}), skipped: {m['skipped']}, {how}")
 
 
@@ -106,7 +108,7 @@ def cmd_fit(args) -> int:
     from raylt.methods.recipes import baseline_config
 
     cfg = load_config(args.config, args.overrides)
-    es = open_embeddings(args.embeddings, args.class_names)
+    es = open_embeddings(args.embeddings, args.class_names, cfg.store.staging)
     from raylt.pipeline import fit  # Ray Train and torch only once the inputs are valid: bad input fails at once
     out = Path(args.out).expanduser().resolve()
     results = [fit(cfg, es, out)]
@@ -121,7 +123,7 @@ def _embeddings_of(args, cfg):
     from raylt.embed.inputs import open_embeddings
     from raylt.pipeline import embedded
 
-    return open_embeddings(args.embeddings, args.class_names) if args.embeddings else embedded(cfg)
+    return open_embeddings(args.embeddings, args.class_names, cfg.store.staging) if args.embeddings else embedded(cfg)
 
 
 def _out_dir(args, cfg, sub: str) -> Path:
@@ -278,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true", help="also fit the plain CE head on real embeddings and compare")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("fit", help="fit and evaluate a head on precomputed embeddings (Parquet or a store)")
-    p.add_argument("--embeddings", required=True, help="Parquet file or folder (embedding, label, split) or a store")
+    p.add_argument("--embeddings", required=True, help="Parquet file or folder (embedding, label, split) or a store (a folder, or s3://.../<fingerprint>)")
     p.add_argument("--out", required=True, help="output folder: metrics.json, per_class.png, head, checkpoints")
     p.add_argument("--config", help="YAML config (see configs/); defaults if omitted")
     p.add_argument("--class-names", help="text file, one class name per line in label order")

@@ -65,7 +65,8 @@ class EmbedConfig:
 class StoreConfig:
     """Where embeddings are kept: one folder per backbone, preprocessing and data set."""
 
-    root: str = "~/.cache/raylt/store"  # content-addressed embedding store
+    root: str = "~/.cache/raylt/store"  # content-addressed embedding store: a folder, or s3:// / gs:// (raylt.embed.mirror)
+    staging: str = "~/.cache/raylt/staging"  # the local working copy of a root on object storage
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylt.config import DataConfig
-from raylt.data.shards import records_source, shard_files
+from raylt.data.shards import read_each, records_source, shard_files
 from raylt.data.source import SOURCES, Source
 from raylt.errors import DataError
 from raylt.ops.storage import open_input
@@ -65,11 +65,9 @@ def load_parquet_images(cfg: DataConfig) -> Source:
     files = shards.files
     if cfg.split_column:  # each file once, whichever split's pattern names it: its rows carry their split
         files = {"": list(dict.fromkeys(p for paths in files.values() for p in paths))}
+    read = [c for c in dict.fromkeys([cfg.label_column, cfg.id_column, cfg.split_column]) if c]
     for split, paths in files.items():
-        for path in paths:
-            pf = _open(path, cfg, shards.filesystem)
-            read = [c for c in dict.fromkeys([cfg.label_column, cfg.id_column, cfg.split_column]) if c]
-            t = pf.read(columns=read)
+        for path, t in zip(paths, read_each(lambda p: _open(p, cfg, shards.filesystem).read(columns=read), paths)):
             labels = t[cfg.label_column].to_pylist()
             rel = shards.name(path)
             ids = t[cfg.id_column].to_pylist() if cfg.id_column else [f"{rel}/{i}" for i in range(t.num_rows)]

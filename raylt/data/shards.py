@@ -8,6 +8,7 @@ import itertools
 import logging
 import posixpath
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +24,17 @@ from raylt.longtail import classes_of_labels
 log = logging.getLogger(__name__)
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
+_READERS = 16  # shards indexed at once: on object storage each is a round trip and a stream
+
+
+def read_each(fn: Callable, paths: list[str]) -> list:
+    """`fn(path)` of every shard, in order, several at a time: indexing is I/O (a stream per
+    object on object storage), so threads overlap the waits. The first failure, in shard
+    order, is raised as it is."""
+    if len(paths) < 2:
+        return [fn(p) for p in paths]
+    with ThreadPoolExecutor(min(_READERS, len(paths))) as pool:
+        return list(pool.map(fn, paths))
 
 
 def expand_braces(pattern: str) -> list[str]:

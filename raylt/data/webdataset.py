@@ -29,7 +29,7 @@ import numpy as np
 
 from raylt.config import DataConfig
 from raylt.data.folder import IMAGE_EXTENSIONS
-from raylt.data.shards import records_source, shard_files
+from raylt.data.shards import read_each, records_source, shard_files
 from raylt.data.source import SOURCES, Source
 from raylt.errors import ConfigError, DataError
 from raylt.ops.storage import open_input, size_of
@@ -101,8 +101,7 @@ def load_webdataset(cfg: DataConfig) -> Source:
     rows = {k: [] for k in ("id", "value", "split", "path", "offset", "size", "where")}
     skipped: list[str] = []
     for split, paths in shards.files.items():
-        for shard in paths:
-            samples, keys = index_shard(shard, shards.filesystem)
+        for shard, (samples, keys) in zip(paths, read_each(lambda p: index_shard(p, shards.filesystem), paths)):
             for key in keys:
                 s = samples[key]
                 missing = "image" if "image" not in s else f".{cfg.label_key}" if cfg.label_key not in s else None

@@ -20,9 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raylt.config import StoreConfig
+from raylt.embed.mirror import pulled_store
 from raylt.embed.store import is_store, read_manifest, verified_files
 from raylt.errors import DataError
 from raylt.longtail import classes_of_labels
+from raylt.ops.storage import is_uri
 
 log = logging.getLogger(__name__)
 REQUIRED = ("embedding", "label", "split")
@@ -116,8 +119,12 @@ def _check_values(f: Path, dim: int) -> None:
                         "different images: recompute them")
 
 
-def open_embeddings(path, class_names_file: str | None = None) -> EmbeddingSet:
-    """Validate an embeddings input and count its images per split and class."""
+def open_embeddings(path, class_names_file: str | None = None, staging: str | None = None) -> EmbeddingSet:
+    """Validate an embeddings input and count its images per split and class. A store on
+    object storage (`s3://.../<fingerprint>`) is brought into the local copy under `staging`
+    (default: store.staging's) first (raylt.embed.mirror)."""
+    if is_uri(str(path)):
+        path = pulled_store(str(path), staging or StoreConfig().staging)
     path = Path(path).expanduser().resolve()
     files, manifest = _files(path)
     dims, labels, splits = set(), [], []

@@ -22,9 +22,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from raylt.config import BackboneConfig, RayltConfig, expand_path, to_dict
+from raylt.config import BackboneConfig, RayltConfig, to_dict
 from raylt.data import Source
-from raylt.embed.store import STORE_FORMAT, EmbeddingStore
+from raylt.embed.mirror import working_root
+from raylt.embed.store import RECIPES, STORE_FORMAT, EmbeddingStore
 from raylt.errors import BackboneError
 from raylt.ops.hashing import file_sha256, json_key
 
@@ -96,14 +97,24 @@ def local_precision(cfg: RayltConfig) -> str | None:
 
 def finished_store(cfg: RayltConfig, source: Source) -> EmbeddingStore | None:
     """The finished, undamaged store of this config's recipe, or None (then `run_embed`'s full
-    path decides: it builds the encoder, asks Ray, repairs or embeds)."""
+    path decides: it builds the encoder, asks Ray, repairs or embeds). A store.root on object
+    storage: the recipes and the store they name are brought into the local copy first
+    (raylt.embed.mirror)."""
     precision = local_precision(cfg)
     if precision is None:
         return None
-    store = EmbeddingStore.recalled(expand_path(cfg.store.root), recipe_key(cfg, source.fingerprint(), precision))
+    root, mirror = working_root(cfg.store.root, cfg.store.staging)
+    key = recipe_key(cfg, source.fingerprint(), precision)
+    if mirror is not None:
+        mirror.pull(RECIPES)
+        if name := EmbeddingStore.recalled_name(root, key):
+            mirror.pull(name)
+    store = EmbeddingStore.recalled(root, key)
     if store is None or store.num_rows != source.table.num_rows:
         return None
     with store.writing():  # a writer repairing it finishes first
         if store.is_complete() and not store.verify():
+            if mirror is not None:  # found in the local copy only: a push before failed
+                mirror.publish(store.path)
             return store
     return None

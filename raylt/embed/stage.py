@@ -20,11 +20,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, expand_path, to_dict
+from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, to_dict
 from raylt.data import Source, load_source
 from raylt.embed.backbones import build_encoder
 from raylt.embed.cache import ImageCache, as_hashes
 from raylt.embed.images import decode_batch, hash_batch
+from raylt.embed.mirror import working_root
 from raylt.embed.recipe import finished_store, recipe_key
 from raylt.embed.store import EmbeddingStore
 from raylt.errors import DataError
@@ -230,6 +231,7 @@ def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None, retr
     t0 = time.perf_counter()
     source = source or load_source(cfg.data)
     log.info("data: %s", source.summary())
+    root, mirror = working_root(cfg.store.root, cfg.store.staging)  # a local copy of a root on object storage
     found = None if retry_skipped else finished_store(cfg, source)  # without the model or Ray (raylt.embed.recipe)
     if found is not None:
         log.info("embedding store %s is complete: reused", found.path)
@@ -243,8 +245,12 @@ def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None, retr
         "data": source.fingerprint(),
         "shard_size": cfg.embed.shard_size,
     }
-    store = EmbeddingStore.open(expand_path(cfg.store.root), inputs, source.table.num_rows)
+    store = EmbeddingStore.open(root, inputs, source.table.num_rows)
+    cache = ImageCache(root, encoder.identity, plan.precision)
     with store.writing():
+        if mirror is not None:  # what the object store holds of this store and of the image cache
+            mirror.pull(store.path.name)
+            mirror.pull(cache.path.relative_to(root).as_posix())
         damaged = store.verify()
         if damaged:
             log.warning("embedding store %s: %d damaged shard(s) are recomputed: %s", store.path, len(damaged),
@@ -257,8 +263,10 @@ def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None, retr
             log.info("embedding store %s is complete: reused", store.path)
             res = EmbedResult(store.path, store.manifest(), True, 0, time.perf_counter() - t0)
         else:
-            res = _embed_pending(cfg, source, store, pending, encoder, plan)
+            res = _embed_pending(cfg, source, store, pending, encoder, plan, cache)
         store.remember(recipe_key(cfg, inputs["data"], plan.precision))
+        if mirror is not None:
+            mirror.publish(store.path, cache.path)
         return res
 
 
@@ -287,7 +295,7 @@ def _fill_from_cache(blocks: list[pa.Table], source: Source, store: EmbeddingSto
 
 
 def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pending: list[int], encoder,
-                   plan: ResourcePlan) -> EmbedResult:
+                   plan: ResourcePlan, cache: ImageCache) -> EmbedResult:
     n_rows = sum(hi - lo for lo, hi in map(store.shard_rows, pending))
     log.info(
         "embedding %d images (%d of %d shards) with %d %s actor(s), %s, into %s",
@@ -295,7 +303,6 @@ def _embed_pending(cfg: RayltConfig, source: Source, store: EmbeddingStore, pend
         plan.precision, store.path,
     )
     t_run = time.perf_counter()
-    cache = ImageCache(store.path.parent, encoder.identity, plan.precision)
     known = cache.known()
     blocks = pending_blocks(source, store, pending, block_rows(cfg.embed.decode_batch_size, plan.decode_tasks, n_rows))
     cached = _fill_from_cache(blocks, source, store, cache, plan) if len(known) else np.zeros(0, np.int64)

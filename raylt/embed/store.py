@@ -139,16 +139,22 @@ class EmbeddingStore:
             store._write_manifest(status="incomplete")
         return store
 
+    @staticmethod
+    def recalled_name(root: Path, key: str) -> str | None:
+        """The folder name `remember(key)` wrote under `root`, or None."""
+        entry = _read_json(Path(root) / RECIPES / f"{key}.json")
+        return entry.get("store") if entry else None
+
     @classmethod
     def recalled(cls, root: Path, key: str) -> "EmbeddingStore | None":
         """The finished store that `remember(key)` named under `root`, or None (never made, or
         since moved, made incomplete or made from other inputs: the full path decides then)."""
-        entry = _read_json(Path(root) / RECIPES / f"{key}.json")
-        man = _read_json(Path(root) / entry["store"] / MANIFEST) if entry and "store" in entry else None
-        if man is None or man.get("status") != "complete" or man.get("fingerprint") != entry["store"]:
+        name = cls.recalled_name(root, key)
+        man = _read_json(Path(root) / name / MANIFEST) if name else None
+        if man is None or man.get("status") != "complete" or man.get("fingerprint") != name:
             return None
         inputs = man["inputs"]
-        return cls(Path(root) / entry["store"], inputs, int(man["num_rows"]), int(inputs["shard_size"]))
+        return cls(Path(root) / name, inputs, int(man["num_rows"]), int(inputs["shard_size"]))
 
     def remember(self, key: str) -> None:
         """Name this finished store as the one of the recipe `key` (`raylt.embed.recipe`)."""

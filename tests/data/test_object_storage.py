@@ -72,7 +72,8 @@ def test_parquet_images_on_s3_are_indexed_and_their_cells_read_by_a_task(s3, tmp
 @pytest.mark.ray
 def test_a_run_over_webdataset_shards_on_s3(s3, tmp_path, monkeypatch):
     """`raylt run` in its own process with its own local Ray, as a user runs it: the endpoint and
-    the credentials are in its environment, so in every Ray worker's."""
+    the credentials are in its environment, so in every Ray worker's. The shards are read from
+    S3, the store is written to it, and a fit elsewhere (another working copy) reads it back."""
     import torch
     from test_webdataset import write_shards
 
@@ -91,23 +92,68 @@ def test_a_run_over_webdataset_shards_on_s3(s3, tmp_path, monkeypatch):
         [sys.executable, "-m", "raylt", "run", "configs/demo.yaml", "data.source=webdataset",
          "data.root=s3://wds-bucket/shards", "data.imbalance_ratio=null", "data.splits.train=train-{000..002}.tar", "data.splits.test=test-000.tar",
          "backbone.image_size=8", "embed.shard_size=8", "train.epochs=2", "tracking.enabled=false", "ray.num_cpus=2",
-         f"store.root={tmp_path / 'store'}", f"train.output_dir={tmp_path / 'out'}"],
+         "store.root=s3://wds-bucket/store", f"store.staging={tmp_path / 'staging'}",
+         f"train.output_dir={tmp_path / 'out'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "testing-secret" not in out.stdout + out.stderr
     metrics = json.loads((tmp_path / "out" / "demo" / "metrics.json").read_text())
     assert metrics["num_test"] == 4 and metrics["overall"] > 0.25
-    store = next((tmp_path / "store").glob("*/manifest.json")).parent
-    manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["embedded"] == 19 and manifest["skipped"] == 0
-    # Every sample of the shards, in shard order, embedded from its member's bytes.
+    # The store on S3: its manifest, complete, and every shard it lists, with the bytes of the run's copy.
+    store = next((tmp_path / "staging").glob("*/*/manifest.json")).parent
+    with filesystem.open_input_stream(f"wds-bucket/store/{store.name}/manifest.json") as f:
+        manifest = json.loads(f.read())
+    assert manifest["status"] == "complete" and manifest["embedded"] == 19 and manifest["skipped"] == 0
+    for name in manifest["files"]:
+        with filesystem.open_input_stream(f"wds-bucket/store/{store.name}/{name}") as f:
+            assert f.read() == (store / name).read_bytes()
+    # A fit elsewhere: another working copy, the store read back from S3 and checked there.
+    uri = f"s3://wds-bucket/store/{store.name}"
+    fit = subprocess.run(
+        [sys.executable, "-m", "raylt", "fit", "--config", "configs/demo.yaml", "--embeddings", uri, "--out", str(tmp_path / "fit"),
+         "train.epochs=2", "tracking.enabled=false", "ray.num_cpus=2", f"store.staging={tmp_path / 'elsewhere'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert fit.returncode == 0, (fit.stdout + fit.stderr)[-3000:]
+    assert json.loads((tmp_path / "fit" / "metrics.json").read_text())["num_test"] == 4
+    assert next((tmp_path / "elsewhere").glob(f"*/{store.name}/manifest.json")).read_text() == \
+        (store / "manifest.json").read_text()
+    # The same recipe on a third machine: the store is found through the recipes on S3, and reused.
     for k, v in {**AWS, "AWS_ENDPOINT_URL": endpoint}.items():
         monkeypatch.setenv(k, v)
+    from raylt.embed.stage import run_embed
+
+    third = run_embed(load_config(REPO / "configs/demo.yaml", [
+        "data.source=webdataset", "data.root=s3://wds-bucket/shards", "data.imbalance_ratio=null",
+        "data.splits.train=train-{000..002}.tar", "data.splits.test=test-000.tar", "backbone.image_size=8",
+        "embed.shard_size=8", "store.root=s3://wds-bucket/store", f"store.staging={tmp_path / 'third'}"]))
+    assert third.reused and third.computed_rows == 0 and third.store.name == store.name
+    assert third.store.is_relative_to(tmp_path / "third") and read_store(third.store).num_rows == 19
+    # Every sample of the shards, in shard order, embedded from its member's bytes.
     src = load_source(load_config(None, ["data.source=webdataset", "data.root=s3://wds-bucket/shards",
                                          "data.splits.train=train-{000..002}.tar", "data.splits.test=test-000.tar"]).data)
     table = read_store(store)
     assert table["id"].to_pylist() == src.table["id"].to_pylist()
     enc = build_encoder(load_config(None, ["backbone.image_size=8"]).backbone)
-    direct = enc.encode(torch.from_numpy(decode_image(str(local / ".tmp" / "red" / "train_0_0000.jpg"), enc.spec)[None]))
+    direct = enc.encode(torch.from_numpy(np.array(decode_image(str(local / ".tmp" / "red" / "train_0_0000.jpg"), enc.spec)[None])))
     assert np.allclose(np.asarray(table["embedding"][0].as_py()), direct.numpy()[0], atol=1e-5)
+
+
+def test_object_storage_errors_name_the_uri_and_the_fix(s3, tmp_path, monkeypatch):
+    from raylt.embed.inputs import open_embeddings
+    from raylt.embed.mirror import Mirror
+    from raylt.errors import DataError
+
+    endpoint, filesystem = s3
+    for k, v in {**AWS, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    filesystem.create_dir("empty-bucket")
+    with pytest.raises(DataError, match=r"s3://empty-bucket/store/0123 holds no embedding store \(no manifest.json\)"):
+        open_embeddings("s3://empty-bucket/store/0123", staging=str(tmp_path / "staging"))
+    mirror = Mirror("s3://no-such-bucket/store", str(tmp_path / "staging"))
+    (mirror.local / "recipes").mkdir()
+    (mirror.local / "recipes" / "k.json").write_text("{}")
+    with pytest.raises(DataError, match=r"cannot (read|write) s3://no-such-bucket/store/recipes \(.*\); check that the "
+                                         r"bucket exists"):
+        mirror.push("recipes")

@@ -126,5 +126,5 @@ def test_a_run_over_parquet_files_through_ray_data(ray_session, tmp_path):
     assert table.num_rows == 21 and table["id"].to_pylist() == load_source(cfg.data).table["id"].to_pylist()
     enc = build_encoder(cfg.backbone)
     # train-00000.parquet row 0 is class 0's first image
-    direct = enc.encode(torch.from_numpy(decode_image(str(root / ".img" / "0_0.png"), enc.spec)[None]))
+    direct = enc.encode(torch.from_numpy(np.array(decode_image(str(root / ".img" / "0_0.png"), enc.spec)[None])))
     assert np.allclose(np.asarray(table["embedding"][0].as_py()), direct.numpy()[0], atol=1e-5)
