@@ -58,6 +58,7 @@ class EmbedConfig:
     cpus_per_actor: float = 1.0  # CPUs Ray reserves per encoder actor
     threads_per_actor: int = 0  # torch threads of a CPU encoder actor; 0 = cluster CPUs / actors
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    decode: Literal["auto", "tasks", "actor"] = "auto"  # where images are decoded: CPU tasks, or the encoder actors (nvJPEG on their GPU); auto: actor on GPU
     shard_size: int = 4096  # rows per Parquet shard; the unit of resume
 
 

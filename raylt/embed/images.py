@@ -160,6 +160,29 @@ def content_hash(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def read_batch(batch: dict[str, np.ndarray], spec: DecodeSpec | None = None, filesystem=None,
+               hashes: bool = False) -> dict[str, np.ndarray]:
+    """Ray Data batch UDF for decoding in the encoder actors (`embed.decode=actor`): each row's
+    encoded bytes (`encoded`, binary), read and not decoded, so that the actor decodes them on
+    its device (raylt.embed.device_decode). Unreadable rows come out with `ok = False` and the
+    reason; `hashes` as in `decode_batch`. `spec` is unused: the signature is decode_batch's."""
+    srcs = source_bytes(batch, filesystem)
+    n = len(srcs)
+    ok = np.array([not isinstance(s, Exception) for s in srcs], dtype=bool)
+    errors = np.array([f"{type(s).__name__}: {s}"[:300] if isinstance(s, Exception) else "" for s in srcs],
+                      dtype=object)
+    encoded = np.empty(n, dtype=object)
+    encoded[:] = [b"" if isinstance(s, Exception) else bytes(s) for s in srcs]
+    out = {k: batch[k] for k in ("row", "id", "label", "split")}
+    out.update(encoded=encoded, ok=ok, error=errors)
+    if hashes:
+        digests = np.zeros((n, 32), dtype=np.uint8)
+        for i in np.flatnonzero(ok):
+            digests[i] = np.frombuffer(content_hash(encoded[i]), dtype=np.uint8)
+        out["hash"] = digests
+    return out
+
+
 def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None,
                  hashes: bool = False) -> dict[str, np.ndarray]:
     """Ray Data batch UDF: decode every row, marking failures instead of raising (`filesystem`:

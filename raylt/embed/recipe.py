@@ -62,11 +62,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def recipe_key(cfg: RayltConfig, data_fingerprint: str, precision: str) -> str:
+def recipe_key(cfg: RayltConfig, data_fingerprint: str, precision: str, decode: str = "tasks") -> str:
     """The key of everything that decides a store's vectors, from the config and the data."""
     bb = cfg.backbone
     extra = Path(bb.model_config).expanduser() if bb.model_config else None
     return json_key({
+        **({"decode": decode} if decode != "tasks" else {}),  # as in the store's inputs
         "backbone": {k: v for k, v in to_dict(bb).items() if k not in _PLACE_ONLY},
         "weights": weights_identity(bb),
         "model_config": file_sha256(extra) if extra and extra.is_file() else None,
@@ -79,20 +80,35 @@ def recipe_key(cfg: RayltConfig, data_fingerprint: str, precision: str) -> str:
     })
 
 
-def local_precision(cfg: RayltConfig) -> str | None:
-    """The precision `plan_resources` will pick, when it can be told without Ray: the configured
-    one, or `auto` on a Ray already running here or about to start here on a machine without
-    NVIDIA devices (fp32). None when a cluster's GPUs decide."""
-    if cfg.embed.precision != "auto":
-        return cfg.embed.precision
+def local_gpus(cfg: RayltConfig) -> bool | None:
+    """Whether the cluster the stage will run on has GPUs, when that can be told without
+    starting Ray: a Ray already running here, or one about to start here (no NVIDIA device:
+    none). None when a cluster to join decides, or NVIDIA devices are here."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        return "bf16" if ray.cluster_resources().get("GPU", 0) else "fp32"
+        return bool(ray.cluster_resources().get("GPU", 0))
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         return None
     if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
-        return "fp32"  # Ray counts no GPU where none is visible
-    return None if glob.glob("/dev/nvidia[0-9]*") else "fp32"
+        return False  # Ray counts no GPU where none is visible
+    return None if glob.glob("/dev/nvidia[0-9]*") else False
+
+
+def local_precision(cfg: RayltConfig) -> str | None:
+    """The precision `plan_resources` will pick, when it can be told without Ray: the configured
+    one, or `auto` where `local_gpus` tells (bf16 with GPUs, fp32 without). None otherwise."""
+    if cfg.embed.precision != "auto":
+        return cfg.embed.precision
+    gpus = local_gpus(cfg)
+    return None if gpus is None else "bf16" if gpus else "fp32"
+
+
+def local_decode(cfg: RayltConfig) -> str | None:
+    """Where `plan_resources` will have images decoded, when it can be told without Ray."""
+    if cfg.embed.decode != "auto":
+        return cfg.embed.decode
+    gpus = local_gpus(cfg)
+    return None if gpus is None else "actor" if gpus else "tasks"
 
 
 def finished_store(cfg: RayltConfig, source: Source) -> EmbeddingStore | None:
@@ -100,11 +116,11 @@ def finished_store(cfg: RayltConfig, source: Source) -> EmbeddingStore | None:
     path decides: it builds the encoder, asks Ray, repairs or embeds). A store.root on object
     storage: the recipes and the store they name are brought into the local copy first
     (raylt.embed.mirror)."""
-    precision = local_precision(cfg)
-    if precision is None:
+    precision, decode = local_precision(cfg), local_decode(cfg)
+    if precision is None or decode is None:
         return None
     root, mirror = working_root(cfg.store.root, cfg.store.staging)
-    key = recipe_key(cfg, source.fingerprint(), precision)
+    key = recipe_key(cfg, source.fingerprint(), precision, decode)
     if mirror is not None:
         mirror.pull(RECIPES)
         if name := EmbeddingStore.recalled_name(root, key):

@@ -24,7 +24,8 @@ from raylt.config import BackboneConfig, EmbedConfig, RayltConfig, to_dict
 from raylt.data import Source, load_source
 from raylt.embed.backbones import build_encoder
 from raylt.embed.cache import ImageCache, as_hashes
-from raylt.embed.images import decode_batch, hash_batch
+from raylt.embed.device_decode import decode_on_device
+from raylt.embed.images import decode_batch, hash_batch, read_batch
 from raylt.embed.mirror import working_root
 from raylt.embed.recipe import finished_store, recipe_key
 from raylt.embed.store import EmbeddingStore
@@ -57,22 +58,32 @@ class EmbedResult:
 
 
 class EncodeActor:
-    """Ray Data actor: builds the frozen encoder once, then embeds decoded uint8 batches."""
+    """Ray Data actor: builds the frozen encoder once, then embeds batches: decoded uint8
+    pixels, or encoded bytes that it decodes on its own device first (`plan.decode == "actor"`,
+    raylt.embed.device_decode)."""
 
     def __init__(self, backbone: BackboneConfig, plan: "ResourcePlan"):
         if not plan.gpus_per_actor:
             torch.set_num_threads(plan.threads_per_actor)
         self.precision = plan.precision
-        self.encoder = build_encoder(backbone).to("cuda" if plan.gpus_per_actor else "cpu")
+        self.device = "cuda" if plan.gpus_per_actor else "cpu"
+        self.encoder = build_encoder(backbone).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["ok"]
+        ok, errors = batch["ok"], batch["error"]
         emb = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
-        if ok.any():
+        if "encoded" in batch and ok.any():
+            rows = np.flatnonzero(ok)
+            pixels, decoded, why = decode_on_device(batch["encoded"][rows], self.encoder.spec, self.device)
+            ok, errors = ok.copy(), errors.copy()
+            ok[rows], errors[rows] = decoded, why
+            pixels = pixels[torch.from_numpy(decoded).to(pixels.device)]
+        elif ok.any():
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            emb[ok] = self.encoder.encode(pixels, self.precision).cpu().numpy()
-        out = {k: batch[k] for k in ("row", "id", "label", "split", "ok", "error", "hash") if k in batch}
-        out["embedding"] = emb
+        if ok.any():
+            emb[ok] = self.encoder.encode(pixels, self.precision).float().cpu().numpy()
+        out = {k: batch[k] for k in ("row", "id", "label", "split", "hash") if k in batch}
+        out.update(ok=ok, error=errors, embedding=emb)
         return out
 
 
@@ -85,6 +96,7 @@ class ResourcePlan:
     threads_per_actor: int
     decode_tasks: int
     precision: str
+    decode: str = "tasks"  # where images are decoded: "tasks" (CPU tasks) or "actor" (the encoder's device)
 
 
 def plan_resources(cfg: EmbedConfig, cpus: int, gpus: int) -> ResourcePlan:
@@ -102,7 +114,8 @@ def plan_resources(cfg: EmbedConfig, cpus: int, gpus: int) -> ResourcePlan:
     decoders = cfg.decode_tasks or max(1, cpus)
     decoders += decoders == actors
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if gpus else "fp32")
-    return ResourcePlan(actors, 1 if gpus else 0, threads, decoders, precision)
+    decode = cfg.decode if cfg.decode != "auto" else ("actor" if gpus else "tasks")
+    return ResourcePlan(actors, 1 if gpus else 0, threads, decoders, precision, decode)
 
 
 _BLOCK_ROWS = 1024  # most source rows per Ray Data block (see block_rows)
@@ -157,7 +170,7 @@ def build_dataset(cfg: RayltConfig, blocks: list[pa.Table], encoder, plan: Resou
     content hash too, for the image cache)."""
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
-        decode_batch,
+        read_batch if plan.decode == "actor" else decode_batch,  # actor: the tasks only read bytes
         fn_kwargs={"spec": encoder.spec, "filesystem": filesystem, "hashes": hashes},
         batch_size=cfg.embed.decode_batch_size,
         compute=ray.data.TaskPoolStrategy(size=decode_pool(plan, blocks)),
@@ -244,9 +257,13 @@ def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None, retr
         "precision": plan.precision,
         "data": source.fingerprint(),
         "shard_size": cfg.embed.shard_size,
+        # decoded by the actors, the pixels differ a little (raylt.embed.device_decode): a store
+        # and a cache of their own; the CPU path keeps the keys it always had
+        **({"decode": plan.decode} if plan.decode != "tasks" else {}),
     }
     store = EmbeddingStore.open(root, inputs, source.table.num_rows)
-    cache = ImageCache(root, encoder.identity, plan.precision)
+    cache = ImageCache(root, {**encoder.identity, **({"decode": plan.decode} if "decode" in inputs else {})},
+                       plan.precision)
     with store.writing():
         if mirror is not None:  # what the object store holds of this store and of the image cache
             mirror.pull(store.path.name)
@@ -264,7 +281,7 @@ def run_embed(cfg: RayltConfig, source: Source | None = None, encoder=None, retr
             res = EmbedResult(store.path, store.manifest(), True, 0, time.perf_counter() - t0)
         else:
             res = _embed_pending(cfg, source, store, pending, encoder, plan, cache)
-        store.remember(recipe_key(cfg, inputs["data"], plan.precision))
+        store.remember(recipe_key(cfg, inputs["data"], plan.precision, plan.decode))
         if mirror is not None:
             mirror.publish(store.path, cache.path)
         return res

@@ -151,14 +151,19 @@ def test_demo_config_embeds_offline(ray_session, tmp_path):
     "overrides, cpus, gpus, expected",
     [
         # CPU-only, 2 cores: one actor on both cores' threads, decode pool kept apart from it
-        ([], 2, 0, dict(actors=1, gpus_per_actor=0, threads_per_actor=2, decode_tasks=2, precision="fp32")),
-        ([], 16, 0, dict(actors=15, gpus_per_actor=0, threads_per_actor=1, decode_tasks=16, precision="fp32")),
-        # GPUs: one actor per GPU, bf16, all CPUs decode
-        ([], 16, 4, dict(actors=4, gpus_per_actor=1, threads_per_actor=4, decode_tasks=16, precision="bf16")),
+        ([], 2, 0, dict(actors=1, gpus_per_actor=0, threads_per_actor=2, decode_tasks=2, precision="fp32", decode="tasks")),
+        ([], 16, 0, dict(actors=15, gpus_per_actor=0, threads_per_actor=1, decode_tasks=16, precision="fp32", decode="tasks")),
+        # GPUs: one actor per GPU, bf16, all CPUs read and the actors decode JPEGs on their GPU
+        ([], 16, 4, dict(actors=4, gpus_per_actor=1, threads_per_actor=4, decode_tasks=16, precision="bf16", decode="actor")),
         # equal pool sizes would let Ray Data fuse decoding into the GPU actors
-        ([], 4, 4, dict(actors=4, gpus_per_actor=1, threads_per_actor=1, decode_tasks=5, precision="bf16")),
+        ([], 4, 4, dict(actors=4, gpus_per_actor=1, threads_per_actor=1, decode_tasks=5, precision="bf16", decode="actor")),
         (["embed.num_actors=2", "embed.precision=fp16", "embed.threads_per_actor=3", "embed.decode_tasks=6"], 8, 1,
-         dict(actors=2, gpus_per_actor=1, threads_per_actor=3, decode_tasks=6, precision="fp16")),
+         dict(actors=2, gpus_per_actor=1, threads_per_actor=3, decode_tasks=6, precision="fp16", decode="actor")),
+        # decoding where the config says, whatever the cluster
+        (["embed.decode=tasks"], 16, 4, dict(actors=4, gpus_per_actor=1, threads_per_actor=4, decode_tasks=16,
+                                             precision="bf16", decode="tasks")),
+        (["embed.decode=actor"], 2, 0, dict(actors=1, gpus_per_actor=0, threads_per_actor=2, decode_tasks=2,
+                                            precision="fp32", decode="actor")),
     ],
 )
 def test_resource_plan(overrides, cpus, gpus, expected):
