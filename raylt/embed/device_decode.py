@@ -1,14 +1,14 @@
 """Decoding in the encoder actor: encoded bytes -> uint8 [B, S, S, 3] on the actor's device.
 
-With `embed.decode=actor` (the default on GPU clusters) the CPU tasks only read bytes
-(`images.read_batch`) and the encoder actor decodes them here: JPEGs in one batched call of
-torchvision's `decode_jpeg` on the actor's device (nvJPEG on a GPU, libjpeg-turbo on a CPU),
-then resized and centre-cropped on that device; on a GPU node the CPUs then only read and the
-GPU is no longer starved by JPEG decoding. What nvJPEG does not take goes through Pillow on the
-actor's CPU, one image at a time, as the CPU path decodes it: other formats (PNG, WebP, ...),
-JPEGs it cannot decode (CMYK, 12-bit, arithmetic coding, lossless), and any image whose batched
-decode fails. An image Pillow cannot read either is a counted skip with its reason, as on the
-CPU path.
+With `embed.decode=actor` (the default on GPU clusters) the CPU tasks only read the JPEGs
+that the batched decoder takes (`images.device_decodable`: 8-bit Huffman-coded, 1 or 3
+components) and hand over their bytes; they decode everything else themselves, as the CPU path
+does, and hand over its pixels (`images.read_batch`). The encoder actor decodes the JPEGs here,
+in one batched call of torchvision's `decode_jpeg` on its device (nvJPEG on a GPU,
+libjpeg-turbo on a CPU), then resizes and centre-crops them on that device: on a GPU node the
+CPUs no longer starve the GPU, which decodes JPEGs many times faster. A JPEG whose batched
+decode fails is decoded alone to find it, then tried with Pillow; an image Pillow cannot read
+either is a counted skip with its reason, as on the CPU path.
 
 What differs from the CPU path (`images.decode_image`): Pillow decodes a large JPEG at a
 reduced DCT scale first ("draft" mode) and upsamples chroma its own way; here the JPEG is
@@ -25,42 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raylt.embed.images import DecodeSpec, decode_image
-
-# Start-of-frame markers a JPEG decoder of baseline, extended and progressive Huffman JPEGs
-# takes (SOF0, SOF1, SOF2); the others are lossless (SOF3), hierarchical or arithmetic-coded.
-_SOF_OK = {0xC0, 0xC1, 0xC2}
-_SOF_ANY = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC share the range
-
-
-def device_decodable(data: bytes) -> bool:
-    """Whether `data` is a JPEG that the batched decoder takes: 8-bit Huffman-coded (baseline,
-    extended or progressive) with 1 or 3 components. CMYK (4 components), 12-bit, lossless and
-    arithmetic-coded JPEGs, other formats and damaged headers go to Pillow."""
-    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return False
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return False
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in _SOF_ANY:
-            if marker not in _SOF_OK or i + 10 > len(data):
-                return False
-            precision, components = data[i + 4], data[i + 9]
-            return precision == 8 and components in (1, 3)
-        if marker in (0xDA, 0xD9) or length < 2:  # scan data or the end before any frame header
-            return False
-        i += 2 + length
-    return False
-
+from raylt.embed.images import DecodeSpec, decode_image, device_decodable
 
 def resize_crop(img: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
     """uint8 [3, H, W] -> uint8 [S, S, 3] as `images.decode_image` resizes: the shortest side to
@@ -89,15 +54,20 @@ def _decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor
         return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
-def decode_on_device(encoded, spec: DecodeSpec, device: torch.device | str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def decode_on_device(encoded, spec: DecodeSpec, device: torch.device | str,
+                     raw: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Encoded images -> (uint8 [N, S, S, 3] on `device`, ok [N], error [N]): decodable JPEGs in
     one batched call (one at a time when the batch fails, to find the bad one), the rest and
-    the failures through Pillow; rows neither can decode are zeros with ok False."""
+    the failures through Pillow; rows neither can decode are zeros with ok False. Rows marked
+    `raw` hold pixels the read task decoded already (S x S x 3 bytes)."""
     device = torch.device(device)
     n = len(encoded)
     out = torch.zeros((n, spec.size, spec.size, 3), dtype=torch.uint8, device=device)
     ok, errors = np.ones(n, dtype=bool), np.full(n, "", dtype=object)
-    jpeg = [i for i in range(n) if device_decodable(encoded[i])]
+    raw = np.zeros(n, dtype=bool) if raw is None else np.asarray(raw, dtype=bool)
+    for i in np.flatnonzero(raw):
+        out[i] = torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8).view(spec.size, spec.size, 3).to(device)
+    jpeg = [i for i in range(n) if not raw[i] and device_decodable(encoded[i])]
     decoded: dict[int, torch.Tensor] = {}
     if jpeg:
         try:
@@ -108,7 +78,7 @@ def decode_on_device(encoded, spec: DecodeSpec, device: torch.device | str) -> t
                     decoded[i] = _decode_jpegs([encoded[i]], device)[0]
                 except RuntimeError:
                     pass  # Pillow tries it below, and reports why it cannot
-    for i in range(n):
+    for i in np.flatnonzero(~raw):
         try:
             if i in decoded:
                 out[i] = resize_crop(decoded[i], spec)

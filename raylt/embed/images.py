@@ -72,6 +72,41 @@ def decode_image(src: str | bytes, spec: DecodeSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+# Start-of-frame markers a JPEG decoder of baseline, extended and progressive Huffman JPEGs
+# takes (SOF0, SOF1, SOF2); the others are lossless (SOF3), hierarchical or arithmetic-coded.
+_SOF_OK = {0xC0, 0xC1, 0xC2}
+_SOF_ANY = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC share the range
+
+
+def device_decodable(data: bytes) -> bool:
+    """Whether `data` is a JPEG that the batched decoder takes: 8-bit Huffman-coded (baseline,
+    extended or progressive) with 1 or 3 components. CMYK (4 components), 12-bit, lossless and
+    arithmetic-coded JPEGs, other formats and damaged headers go to Pillow."""
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return False
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _SOF_ANY:
+            if marker not in _SOF_OK or i + 10 > len(data):
+                return False
+            precision, components = data[i + 4], data[i + 9]
+            return precision == 8 and components in (1, 3)
+        if marker in (0xDA, 0xD9) or length < 2:  # scan data or the end before any frame header
+            return False
+        i += 2 + length
+    return False
+
+
 def read_ranges(paths, offsets, sizes, filesystem=None) -> list:
     """The bytes of each (path, offset, size), or the exception that reading them raised; each
     file is opened once per batch (a batch of a shard's members reads one file; on object
@@ -160,25 +195,36 @@ def content_hash(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def read_batch(batch: dict[str, np.ndarray], spec: DecodeSpec | None = None, filesystem=None,
+def read_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None,
                hashes: bool = False) -> dict[str, np.ndarray]:
-    """Ray Data batch UDF for decoding in the encoder actors (`embed.decode=actor`): each row's
-    encoded bytes (`encoded`, binary), read and not decoded, so that the actor decodes them on
-    its device (raylt.embed.device_decode). Unreadable rows come out with `ok = False` and the
-    reason; `hashes` as in `decode_batch`. `spec` is unused: the signature is decode_batch's."""
+    """Ray Data batch UDF for decoding in the encoder actors (`embed.decode=actor`): JPEGs the
+    actor's batched decoder takes (`device_decodable`) leave as their encoded bytes, read and
+    not decoded; every other image is decoded here, on the CPU, and leaves as its S x S x 3
+    pixels (`raw` True), so that the actor's device gets only what it decodes fast
+    (raylt.embed.device_decode). Unreadable rows come out with `ok = False` and the reason;
+    `hashes` as in `decode_batch` (of the encoded bytes)."""
     srcs = source_bytes(batch, filesystem)
     n = len(srcs)
-    ok = np.array([not isinstance(s, Exception) for s in srcs], dtype=bool)
-    errors = np.array([f"{type(s).__name__}: {s}"[:300] if isinstance(s, Exception) else "" for s in srcs],
-                      dtype=object)
-    encoded = np.empty(n, dtype=object)
-    encoded[:] = [b"" if isinstance(s, Exception) else bytes(s) for s in srcs]
+    ok, raw = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
+    errors, encoded = np.full(n, "", dtype=object), np.full(n, b"", dtype=object)
+    digests = np.zeros((n, 32), dtype=np.uint8)
+    for i, src in enumerate(srcs):
+        try:
+            if isinstance(src, Exception):
+                raise src
+            data = bytes(src)
+            if hashes:
+                digests[i] = np.frombuffer(content_hash(data), dtype=np.uint8)
+            if device_decodable(data):
+                encoded[i] = data
+            else:
+                encoded[i], raw[i] = decode_image(data, spec).tobytes(), True
+        except Exception as e:  # every reader or decoder failure is a per-image skip, reported upstream
+            ok[i] = False
+            errors[i] = f"{type(e).__name__}: {e}"[:300]
     out = {k: batch[k] for k in ("row", "id", "label", "split")}
-    out.update(encoded=encoded, ok=ok, error=errors)
+    out.update(encoded=encoded, raw=raw, ok=ok, error=errors)
     if hashes:
-        digests = np.zeros((n, 32), dtype=np.uint8)
-        for i in np.flatnonzero(ok):
-            digests[i] = np.frombuffer(content_hash(encoded[i]), dtype=np.uint8)
         out["hash"] = digests
     return out
 

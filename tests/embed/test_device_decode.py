@@ -4,18 +4,18 @@ The same code runs with device="cuda" (nvJPEG) on a GPU node: bench/gpu_check.sh
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 
 import numpy as np
 import pytest
 import torch
-from conftest import COLORS, write_image
 from PIL import Image
 
 from raylt.config import load_config
-from raylt.embed.device_decode import decode_on_device, device_decodable
-from raylt.embed.images import DecodeSpec, decode_image, read_batch
+from raylt.embed.device_decode import decode_on_device
+from raylt.embed.images import DecodeSpec, decode_image, device_decodable, read_batch
 
 # The CPU device always; a GPU's (nvJPEG) where there is one (bench/gpu_check.sh runs these there).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -80,15 +80,24 @@ def test_embeddings_of_actor_decoded_images_match_the_cpu_path_to_a_cosine_of_0_
     assert ok.all() and cos.min().item() >= 0.999, cos
 
 
-def test_read_batch_hands_the_actor_bytes_and_counts_unreadable_rows(tmp_path):
-    write_image(tmp_path / "a.jpg", COLORS[0])
-    batch = {"row": np.arange(2), "id": np.array(["a", "b"], object), "label": np.zeros(2, np.int64),
-             "split": np.array(["train"] * 2, object), "path": np.array([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")],
-                                                                          object)}
-    out = read_batch(batch, hashes=True)
-    assert list(out["ok"]) == [True, False] and "No such file" in out["error"][1]
+def test_read_batch_hands_the_actor_jpeg_bytes_decodes_the_rest_and_counts_unreadable_rows(tmp_path):
+    spec = DecodeSpec(16)
+    (tmp_path / "a.jpg").write_bytes(photo(0))
+    (tmp_path / "c.png").write_bytes(png(1))
+    (tmp_path / "d.jpg").write_bytes(photo(2, mode="CMYK"))
+    names = ["a.jpg", "b.jpg", "c.png", "d.jpg"]
+    batch = {"row": np.arange(4), "id": np.array(names, object), "label": np.zeros(4, np.int64),
+             "split": np.array(["train"] * 4, object), "path": np.array([str(tmp_path / n) for n in names], object)}
+    out = read_batch(batch, spec, hashes=True)
+    assert list(out["ok"]) == [True, False, True, True] and "No such file" in out["error"][1]
+    assert list(out["raw"]) == [False, False, True, True]  # PNG and CMYK: decoded by the task
     assert out["encoded"][0] == (tmp_path / "a.jpg").read_bytes() and out["encoded"][1] == b""
-    assert out["hash"][0].any() and not out["hash"][1].any()
+    assert out["encoded"][2] == decode_image(png(1), spec).tobytes()
+    assert out["hash"][2].tobytes() == hashlib.sha256(png(1)).digest() and not out["hash"][1].any()
+    # The actor takes both kinds: the JPEG decoded on its device, the raw pixels as they are.
+    pixels, ok, _ = decode_on_device(out["encoded"][[0, 2, 3]], spec, "cpu", out["raw"][[0, 2, 3]])
+    assert ok.all() and np.array_equal(pixels[1].numpy(), decode_image(png(1), spec))
+    assert np.array_equal(pixels[2].numpy(), decode_image(photo(2, mode="CMYK"), spec))
 
 
 @pytest.mark.ray
@@ -112,5 +121,5 @@ def test_a_store_decoded_by_the_actors_matches_the_cpu_decoded_one(ray_session, 
     assert got["id"].to_pylist() == want["id"].to_pylist()
     a, b = (np.stack(t["embedding"].to_numpy(zero_copy_only=False)) for t in (got, want))
     png_rows = np.array([i.endswith(".png") for i in want["id"].to_pylist()])
-    assert np.array_equal(a[png_rows], b[png_rows])  # Pillow in the actor: the same pixels
+    assert np.array_equal(a[png_rows], b[png_rows])  # decoded by the read tasks, as on the CPU path
     assert (a * b).sum(1).min() >= 0.999
