@@ -129,7 +129,7 @@ def block_rows(decode_batch_size: int, decode_tasks: int, n_rows: int) -> int:
     share the work evenly, but no fewer rows than a decode batch and up to 1,024. Every block
     costs the driver about 5 ms to hand over and a task to start: in blocks of 64 rows, Ray
     Data's own overhead was 5 s per 20,000 images on 2 CPUs, against 0.4 s in blocks of 1,024
-    (the tiny model embeds 20,000 images in 20 s). A task streams its output batch by batch,
+    (docs/BENCHMARKS.md). A task streams its output batch by batch,
     so a larger block does not hold more pixels in memory."""
     return max(decode_batch_size, min(_BLOCK_ROWS, -(-n_rows // (4 * max(decode_tasks, 1)))))
 

@@ -135,8 +135,8 @@ def class_stats(es: EmbeddingSet, rank: int, transform: str, cache_dir: Path) ->
     m = reduce_moments(list(es.files), es.num_classes, rank, "train", fwd, blocks)
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_moments(m, path, es.class_names)  # atomic, per process: parallel fits may share the cache
-    reused = blocks.reused_files if blocks else 0
-    reused = f"; the moments of {reused} of {len(es.files)} files kept from {blocks.path}" if reused else ""
+    kept = blocks.reused_files if blocks else 0
     log.info("class statistics of %d classes (rank %d, %s) in %.1f s%s -> %s",
-             es.num_classes, rank, transform, time.perf_counter() - t0, reused, path)
+             es.num_classes, rank, transform, time.perf_counter() - t0,
+             f"; the moments of {kept} of {len(es.files)} files kept from {blocks.path}" if kept else "", path)
     return m, path
