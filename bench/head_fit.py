@@ -13,8 +13,8 @@ same embeddings:
 - scikit-learn LogisticRegression (lbfgs, multinomial), plain and class_weight="balanced";
 - the closed-form shared-covariance Gaussian head (LDA) from the same class statistics,
   with a uniform prior (the test set is balanced).
-raylt rows time the pure core in this process (`--device cuda` on a GPU) (statistics, calibration, head training,
-the offsets' tau and the temperature), after one untimed warm-up fit; the default's time is
+raylt rows time `raylt.LongTailHead.fit` in this process (`--device cuda` on a GPU): statistics,
+calibration, head training, the offsets' tau and the temperature, after one untimed warm-up fit; the default's time is
 the median of three fits. Ray adds a fixed start-up that is not the method's cost.
 
     python bench/head_fit.py                              # full size, both generators
@@ -70,56 +70,33 @@ def row(name, seconds, r, plain=None, twin=None):
 
 
 def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=None, edit=None):
-    """(fit seconds, metrics) of a raylt recipe trained on (x, y) with class counts `counts`;
-    many / medium / few by `groups` (default: `counts`); post-hoc offsets chosen on `val`.
-    `edit(gaussians, moments, whitening, cfg)` replaces the calibrated Gaussians before
-    training (bench/gap_sources.py: what the gap is made of)."""
+    """(fit seconds, metrics) of a raylt recipe, `LongTailHead` of the config with `overrides`,
+    trained on (x, y); many / medium / few by `groups` (default: `counts`); post-hoc offsets and
+    temperature chosen on `val`. `edit(gaussians, moments, whitening, cfg)` replaces the
+    calibrated Gaussians before training (bench/gap_sources.py: what the gap is made of)."""
+    import dataclasses
+
     import torch
 
-    from raylt.head.calibration import expected_calibration_error, fit_temperature
-    from raylt.head.loop import fit_local, predict_logits
-    from raylt.head.posthoc import choose_tau, offsets
-    from raylt.head.whiten import head_whitening
-    from raylt.latent.sampling import SAMPLERS, TRANSFORMS
-    from raylt.latent.stats import class_moments
+    from raylt.head.calibration import expected_calibration_error
+    from raylt.head.estimator import LongTailHead
 
-    cfg = load_config(None, overrides)
+    class Edited(LongTailHead):
+        def plan(self, moments, *args, **kwargs):
+            p = super().plan(moments, *args, **kwargs)
+            return dataclasses.replace(p, gaussians=edit(p.gaussians, moments.get("identity"), p.whiten, self.config()))
+
+    est = (Edited if edit is not None else LongTailHead).from_config(load_config(None, overrides), device)
     t0 = time.perf_counter()
-    spec = SAMPLERS.get(cfg.sampler.name)
-    # The raw embeddings' moments serve the whitened head and the identity-space samplers;
-    # without a sampler the whitening needs only the pooled covariance (rank 1).
-    from raylt.head.modules import HEADS
-
-    raw = None
-    if HEADS.get(cfg.head.name).whitened or spec.transform == "identity":
-        raw = class_moments(x, y, len(counts), cfg.stats.rank if spec.transform == "identity" else 1)
-    g = None
-    if spec.transform:
-        m = raw if spec.transform == "identity" else class_moments(TRANSFORMS[spec.transform][0](x), y, len(counts),
-                                                                     cfg.stats.rank)
-        g = spec.build(m, cfg.sampler)
-    whiten = head_whitening(cfg.head, raw) if raw is not None else None
-    if edit is not None:
-        g = edit(g, raw, whiten, cfg)
-    head = fit_local(x, y, counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device,
-                     whiten=whiten)
-    # As the pipeline does after training: the offsets' tau and the temperature from the val split.
-    f = offsets(cfg.head.posthoc, counts)
-    shift, t = 0.0, 1.0
-    if f is not None:
-        tau = cfg.head.posthoc_tau if cfg.head.posthoc_tau is not None else choose_tau(
-            predict_logits(head, val[0]), val[1], f)[0]
-        shift = tau * f
-    if cfg.head.calibrate and val is not None:
-        t = fit_temperature(predict_logits(head, val[0]) + shift, val[1])
+    est.fit(x, y, *(val if val is not None else (None, None)))
     if device != "cpu":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     groups = counts if groups is None else groups
-    z = predict_logits(head, xt) + shift
-    r = evaluate(z.argmax(1), yt, groups, [str(i) for i in range(len(counts))])
-    r.update(ece_raw=expected_calibration_error(z, yt), ece=expected_calibration_error(z, yt, t),
-             temperature=t)
+    z = est.artifact_.logits(xt)
+    r = evaluate(est.classes_[z.argmax(1)], yt, groups, [str(i) for i in range(len(counts))])
+    t = est.fit_info_.get("temperature", 1.0)
+    r.update(ece_raw=expected_calibration_error(z * t, yt), ece=expected_calibration_error(z, yt), temperature=t)
     return secs, r
 
 

@@ -30,9 +30,7 @@ sys.path.insert(0, str(ROOT))
 def write_inputs(tmp: Path, rows: int, dim: int, classes: int) -> tuple[Path, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
-
-    from raylt.head.artifact import save_head
+    from raylt.head.artifact import HeadArtifact
 
     rng = np.random.default_rng(0)
     emb = tmp / "emb"
@@ -46,8 +44,8 @@ def write_inputs(tmp: Path, rows: int, dim: int, classes: int) -> tuple[Path, Pa
                        emb / f"part-{i:05d}.parquet")
     model = tmp / "model"
     model.mkdir()
-    w = torch.from_numpy(rng.normal(size=(classes, dim)).astype(np.float32))
-    save_head({"weight": w, "bias": torch.zeros(classes)}, "linear", 1.0, model / "head.npz")
+    w = rng.normal(size=(classes, dim)).astype(np.float32)
+    HeadArtifact("linear", w, np.zeros(classes, np.float32)).save(model / "head.npz")
     (model / "model_meta.json").write_text(json.dumps({"class_names": [f"class {c}" for c in range(classes)],
                                                        "backbone": None}))
     return emb, model

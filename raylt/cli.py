@@ -98,7 +98,8 @@ def cmd_run(args) -> int:
     from raylt.pipeline import run
 
     cfg = load_config(args.config, args.overrides)
-    _summary(cfg, run(cfg, baseline=args.baseline))
+    out = Path(args.out).expanduser().resolve() if args.out else None
+    _summary(cfg, run(cfg, baseline=args.baseline, out=out))
     return 0
 
 
@@ -149,18 +150,19 @@ def cmd_ablate(args) -> int:
 def cmd_tune(args) -> int:
     from raylt import tracking
     from raylt.config import load_config
-    from raylt.experiments.tune import check_space, fmt, markdown, read_space, sweep
+    from raylt.experiments.tune import check_space, check_tunable, fmt, markdown, read_space, sweep
 
     cfg = load_config(args.config, args.overrides)
     space, source = read_space(Path(args.space) if args.space else None)
     check_space(cfg, space, source)  # before any embedding
+    check_tunable(cfg, space)
     tracking.check_reachable(cfg)
     es = _embeddings_of(args, cfg)
     out = _out_dir(args, cfg, "tune")
     report = sweep(cfg, es, out, space, source, args.num_samples, args.concurrent)
     best = report["best"]
     print(markdown(report["rows"], best))
-    print(f"best: val top-1 {best['val_top1']:.4f} ({report['val_from']}) with "
+    print(f"best: class-balanced val accuracy {best['val_balanced']:.4f} ({report['val_from']}) with "
           + ", ".join(f"{k}={fmt(v)}" for k, v in best["params"].items()))
     print(f"config: {out / 'best.yaml'} (raylt run {out / 'best.yaml'})")
     return 0
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline: embed, class stats, sampler, head (Ray Train), evaluation")
     _config_args(p)
     p.add_argument("--baseline", action="store_true", help="also fit the plain CE head on real embeddings and compare")
+    p.add_argument("--out", help="output folder (default: <train.output_dir>/<name>)")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("fit", help="fit and evaluate a head on precomputed embeddings (Parquet or a store)")
     p.add_argument("--embeddings", required=True, help="Parquet file or folder (embedding, label, split) or a store (a folder, or s3://.../<fingerprint>)")

@@ -56,8 +56,9 @@ def sigkill_actors(name: str) -> list[int]:
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Ray Train's checkpoint folders, oldest first (`checkpoint_manager_snapshot.json` is not one)."""
-    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    """Checkpoint folders (Ray Train's, and local mode's `checkpoint_local_*`), oldest first
+    (`checkpoint_manager_snapshot.json` is not one)."""
+    return sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
 
 
 def table_by_id(store: Path) -> dict:
@@ -160,7 +161,9 @@ def test_interrupted_runs_resume_and_end_with_the_same_metrics(reference, tmp_pa
     first = checkpoints()
     text = interrupt(signal.SIGKILL, "a later checkpoint", lambda: checkpoints() and checkpoints()[-1] not in first)
     assert not (tmp_path / "out" / "demo" / "metrics.json").exists()
-    # The last run: its train worker is killed after a new checkpoint, and Ray Train restarts it.
+    # The last run, in a worker group (the runs above trained in local mode, the default on one
+    # node; one worker trains the same head, so it resumes their checkpoints): its train worker
+    # is killed after a new checkpoint, and Ray Train restarts it.
     before, killed = checkpoints(), []
 
     def kill_worker():
@@ -169,7 +172,7 @@ def test_interrupted_runs_resume_and_end_with_the_same_metrics(reference, tmp_pa
 
     watcher = threading.Thread(target=kill_worker, daemon=True)
     log = tmp_path / "final.log"
-    final = driver(tmp_path, log, *SLOW[0], env=SLOW[1])
+    final = driver(tmp_path, log, *SLOW[0], "train.num_workers=1", env=SLOW[1])
     watcher.start()
     assert final.wait(300) == 0, log.read_text()[-3000:]
     watcher.join(5)
@@ -233,7 +236,7 @@ def test_a_lost_mlflow_server_costs_the_log_not_the_run(reference, tmp_path, cap
         assert run.data.params["train.epochs"] == str(cfg.train.epochs)
         assert json.loads((out / "run.json").read_text())["logged"] is True
         model = mlflow.pyfunc.load_model(f"runs:/{res.run_id}/model")
-        dim = load_head(out / "head.npz")["weight"].shape[1]
+        dim = load_head(out / "head.npz").dim
         names = json.loads((out / "model_meta.json").read_text())["class_names"]
         assert list(model.predict(np.ones((2, dim), np.float32)).columns) == names
 

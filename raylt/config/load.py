@@ -175,7 +175,7 @@ def _build(cls, tree: Mapping, origin: Mapping[str, str], prefix: str):
 
 def _check_bounds(meta: Mapping, value, key: str, origin: Mapping[str, str]) -> None:
     """A field's `min` / `max` (raylt.config.schema._min) and `pattern`, in one line each."""
-    if value is None:
+    if value is None or (isinstance(value, str) and "pattern" not in meta):  # `auto` of a number
         return
     low, high, pattern = meta.get("min"), meta.get("max"), meta.get("pattern")
     if low is not None and value < low:
@@ -202,8 +202,13 @@ def _convert(tp, value, key: str, origin: Mapping[str, str]):
     if origin_tp in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key, origin)
+        inner = [a for a in args if a is not type(None)]
+        for tp_ in inner[:-1]:  # `auto` | int: the first type that takes the value
+            try:
+                return _convert(tp_, value, key, origin)
+            except ConfigError:
+                continue
+        return _convert(inner[-1], value, key, origin)
     if origin_tp is Literal:
         if value not in args:
             raise ConfigError(f"config key {key!r} {where} must be one of {list(args)}, got {value!r}")

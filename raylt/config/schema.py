@@ -189,7 +189,10 @@ class TrainConfig:
     # and loss stay float32. auto: bf16 where the device multiplies it natively (CUDA, or a
     # CPU with AVX512-BF16 / AMX: twice as fast at the same top-1, bench/head_fit.py), else fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_workers: int = field(default=1, metadata=_min(1, 4096))
+    # Ray Train workers. auto: Ray Train's local mode on one node (the loop runs in the driver's
+    # process, no worker group to start), one worker on a multi-node cluster; 0: local mode;
+    # N: a worker group of N with DDP.
+    num_workers: Literal["auto"] | int = field(default="auto", metadata=_min(0, 4096))
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = field(default=0.5, metadata=_min(0))  # below 1 so Ray Data keeps a CPU
     threads_per_worker: int = field(default=0, metadata=_min(0))  # torch threads; 0 = node CPUs / workers on it

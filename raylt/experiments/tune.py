@@ -7,15 +7,19 @@ distribution each (`SPACES`), from a YAML file or `DEFAULT_SPACE`:
     train.lr: {loguniform: [0.02, 0.5]}
 
 Each trial is the config with the trial's values, fitted in its own Ray Tune trial (one CPU)
-by the same epochs the Ray Train workers run (`raylt.train.fit_local`), on embeddings held in
-the object store once: a trial costs seconds, where a Ray Train fit each would cost its worker
-group's start-up. Trials are scored on the `val` split, or, without one, on a stratified
-holdout of the train split (`HOLDOUT` of each class with at least `HOLDOUT_MIN` images): never
-on test, which is only reported. Each trial is an MLflow child run of one parent run.
+by `LongTailHead` (raylt.head.estimator), the one implementation of the recipe that `raylt
+fit` runs too (post-hoc offsets, temperature and selection included), on embeddings held in
+the object store once: a trial costs seconds. Trials are scored by the class-balanced accuracy
+(the long-tail metric) of the `val` split, or, without one, of a stratified holdout of the
+train split (`HOLDOUT` of each class with at least `HOLDOUT_MIN` images); ties go to the lower
+val negative log-likelihood, then to the earlier trial. Test is only reported. The BNS adapter
+and auxiliary classes need Ray stages of their own: a config with either on is refused
+(`raylt ablate` compares them). Each trial is an MLflow child run of one parent run.
 
 Output, in `out` and on the parent run: `tune.md` and `tune.json` (every trial: its values,
-val top-1, test overall / many / medium / few), and `best.yaml`: the whole config with the
-best trial's values, which `raylt run` and `raylt fit --config` take as it is.
+val balanced accuracy, top-1 and NLL, test overall / many / medium / few), and `best.yaml`: the
+whole config with the best trial's values, named `<name>-tuned` (its own output folder) in
+the same MLflow experiment, which `raylt run` and `raylt fit --config` take as it is.
 """
 
 from __future__ import annotations
@@ -43,10 +47,8 @@ from raylt.errors import ConfigError, DataError
 from raylt.experiments import tables
 from raylt.experiments.tables import COLUMNS, cell
 from raylt.head.evaluate import evaluate
-from raylt.head.loop import fit_local, predict_logits
-from raylt.head.whiten import head_whitening
-from raylt.latent.sampling import SAMPLERS, TRANSFORMS
-from raylt.latent.stats import class_moments
+from raylt.head.estimator import LongTailHead
+from raylt.methods.recipes import is_on
 from raylt.ops.cluster import cluster_cpus, init_ray
 from raylt.ops.console import Progress
 from raylt.registry import Registry
@@ -122,7 +124,7 @@ def holdout(y: np.ndarray, num_classes: int, seed: int, fraction: float = HOLDOU
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """What every trial reads: train, validation and test arrays and the class statistics."""
+    """What every trial reads: train, validation and test arrays."""
 
     x: np.ndarray
     y: np.ndarray
@@ -132,11 +134,10 @@ class Data:
     yt: np.ndarray | None
     counts: np.ndarray
     class_names: tuple[str, ...]
-    moments: dict  # transform -> ClassMoments of the training rows
     val_from: str  # "val", or "holdout" of the train split
 
 
-def prepare(cfg: RayltConfig, es: EmbeddingSet, space: dict) -> Data:
+def prepare(cfg: RayltConfig, es: EmbeddingSet) -> Data:
     x, y = read_split(es, "train")
     if es.counts.get("val") is not None and es.counts["val"].sum() > 0:
         (xv, yv), val_from = read_split(es, "val"), "val"
@@ -152,41 +153,52 @@ def prepare(cfg: RayltConfig, es: EmbeddingSet, space: dict) -> Data:
         xt, yt = read_split(es, eval_split(es))
     except DataError:  # no test split: trials are scored on val only
         xt = yt = None
-    names = {cfg.sampler.name, *next(iter(space.get("sampler.name", {}).values()), [])}  # those a trial may use
-    # identity: the whitened head's whitening is of the raw embeddings, whichever sampler a trial takes
-    transforms = {SAMPLERS.get(n).transform for n in names} - {None} | {"identity"}
     counts = np.bincount(y, minlength=es.num_classes)
-    moments = {t: class_moments(TRANSFORMS[t][0](x), y, es.num_classes, cfg.stats.rank) for t in transforms}
-    return Data(x, y, xv, yv, xt, yt, counts, es.class_names, moments, val_from)
+    return Data(x, y, xv, yv, xt, yt, counts, es.class_names, val_from)
 
 
 def _trial(params: dict, base: RayltConfig, data: Data, parent: str | None) -> None:
-    """One Ray Tune trial: fit the head with the trial's values, report val top-1 every epoch
-    and, with the last, the test metrics; an MLflow child run of `parent`."""
+    """One Ray Tune trial: `LongTailHead` with the trial's values, the whole recipe (post-hoc
+    offsets and temperature chosen on the val rows, as `raylt fit` does); scored by the val
+    rows' class-balanced accuracy; an MLflow child run of `parent` with val top-1 per epoch."""
     torch.set_num_threads(1)  # one CPU per trial: trials run side by side
     cfg = override(base, plain(params), "the search space")
-    spec = SAMPLERS.get(cfg.sampler.name)
-    g = spec.build(data.moments[spec.transform], cfg.sampler) if spec.transform else None
-    whiten = head_whitening(cfg.head, data.moments["identity"])
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
+    device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+    est = LongTailHead.from_config(cfg, device)
     with tracking.start_run(cfg, name, parent_run_id=parent) as run:
         target = tracking.worker_target(run)
 
-        def report(epoch: int, head, st) -> None:
-            val = float((predict_logits(head, data.xv).argmax(1) == data.yv).mean())
-            metrics = {"epoch": epoch, "train_loss": st.loss, "val_top1": val}
+        def log(epoch: int, module, st) -> None:
             nonlocal target
-            target = tracking.log_epoch(target, metrics, epoch)
-            if epoch == cfg.train.epochs - 1 and data.xt is not None:
-                r = evaluate(predict_logits(head, data.xt).argmax(1), data.yt, data.counts, data.class_names)
-                metrics.update({f"test_{k}": r[k] for k in COLUMNS if r.get(k) is not None})
-                if run is not None:
-                    tracking.log_results({k: float(v) for k, v in metrics.items() if k.startswith("test_")}, [])
-            ray.tune.report(metrics)
+            with torch.no_grad():
+                z = module.eval()(torch.as_tensor(data.xv, device=device)).cpu().numpy()
+            val = float((est.classes_[z.argmax(1)] == data.yv).mean())
+            target = tracking.log_epoch(target, {"train_loss": st.loss, "val_top1": val}, epoch)
 
-        device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
-        fit_local(data.x, data.y, data.counts, g, cfg.head, cfg.train, cfg.sampler.target, cfg.seed, device=device,
-                  on_epoch=report, whiten=whiten)
+        est.fit(data.x, data.y, data.xv, data.yv, on_epoch=log)
+        metrics = {k: float(est.fit_info_[k]) for k in ("val_balanced", "val_top1", "val_nll")}
+        if data.xt is not None:
+            r = evaluate(est.predict(data.xt), data.yt, data.counts, data.class_names)
+            metrics.update({f"test_{k}": r[k] for k in COLUMNS if r.get(k) is not None})
+        if run is not None:  # val_top1 is logged per epoch above (the head before its offsets)
+            tracking.log_results({k: v for k, v in metrics.items() if k != "val_top1"}, [])
+        ray.tune.report(metrics)
+
+
+def best_row(rows: list[dict]) -> dict:
+    """The best trial: the highest class-balanced val accuracy (the long-tail metric); ties go
+    to the lower val negative log-likelihood, then to the earlier trial."""
+    return min(enumerate(rows), key=lambda ir: (-ir[1]["val_balanced"], ir[1]["val_nll"], ir[0]))[1]
+
+
+def tuned_config(cfg: RayltConfig, params: dict, source: str) -> RayltConfig:
+    """`cfg` with the best trial's values, as `best.yaml` holds it: a run of its own
+    (`<name>-tuned`, its own output folder) in the same MLflow experiment."""
+    best = override(cfg, params, source)
+    experiment = cfg.tracking.experiment or cfg.name
+    return dataclasses.replace(best, name=f"{cfg.name}-tuned"[:128],
+                               tracking=dataclasses.replace(best.tracking, uri=None, experiment=experiment))
 
 
 def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: str, num_samples: int = 8,
@@ -197,12 +209,13 @@ def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: st
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tune_space = check_space(cfg, space, source)
     check_names(cfg)
+    check_tunable(cfg, space)
     init_ray(cfg.ray)
     out.mkdir(parents=True, exist_ok=True)
     # Trials run in other processes: they log to the parent's absolute tracking URI.
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking.tracking_uri(cfg)))
     t0 = time.perf_counter()
-    data = prepare(cfg, es, space)
+    data = prepare(cfg, es)
     with tracking.start_run(cfg, "tune") as run:
         parent = run.info.run_id if run is not None else None
         # One CPU a trial (trials are small and run side by side), or one GPU with train.use_gpu.
@@ -210,7 +223,7 @@ def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: st
         trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg, data=data, parent=parent), resources)
         tuner = tune.Tuner(
             trainable, param_space=tune_space,
-            tune_config=tune.TuneConfig(metric="val_top1", mode="max", num_samples=num_samples,
+            tune_config=tune.TuneConfig(metric="val_balanced", mode="max", num_samples=num_samples,
                                         max_concurrent_trials=concurrent or cluster_cpus()),
             run_config=tune.RunConfig(name="trials", storage_path=str(out), verbose=0, callbacks=[_progress(trial_count(space, num_samples))]))
         grid = tuner.fit()
@@ -220,20 +233,29 @@ def sweep(cfg: RayltConfig, es: EmbeddingSet, out: Path, space: dict, source: st
             log.warning("tune: %d trial(s) failed, e.g. %s", len(failed), failed[0])
         if not rows:
             raise ConfigError(f"every trial failed, e.g. {failed[0] if failed else 'no result'}; check the search space")
-        best = max(rows, key=lambda r: r["val_top1"])
-        best_cfg = override(cfg, best["params"], source)
+        best = best_row(rows)
+        best_cfg = tuned_config(cfg, best["params"], source)
         report = {"rows": rows, "best": best, "val_from": data.val_from, "seconds": time.perf_counter() - t0}
         (out / "tune.json").write_text(json.dumps(report, indent=1))
         (out / "tune.md").write_text(markdown(rows, best) + "\n")
-        (out / "best.yaml").write_text(f"# raylt tune: best of {len(rows)} trials, val top-1 {best['val_top1']:.4f} "
-                                       f"({data.val_from})\n" + dump_yaml(dataclasses.replace(
-                                           best_cfg, tracking=dataclasses.replace(best_cfg.tracking, uri=None))))
+        (out / "best.yaml").write_text(f"# raylt tune: best of {len(rows)} trials, class-balanced val accuracy "
+                                       f"{best['val_balanced']:.4f} ({data.val_from})\n" + dump_yaml(best_cfg))
         if run is not None:
-            metrics = {"best_val_top1": best["val_top1"], "trials": float(len(rows)),
+            metrics = {"best_val_balanced": best["val_balanced"], "best_val_top1": best["val_top1"],
+                       "trials": float(len(rows)),
                        "tune_seconds": report["seconds"]}
             metrics.update({f"best_{k}": v for k, v in best.items() if k.startswith("test_")})
             tracking.log_results(metrics, [out / "tune.md", out / "tune.json", out / "best.yaml"])
     return report
+
+
+def check_tunable(cfg: RayltConfig, space: dict) -> None:
+    """A config (or space) that turns on a method trials cannot fit fails in one line."""
+    for method in ("adapter", "auxiliary"):
+        if is_on(cfg, method) or any(k.startswith(method + ".") for k in space):
+            raise ConfigError(f"raylt tune fits the head on the embeddings as they are; {method}.* needs a stage of its "
+                              f"own: turn it off for the sweep ({'adapter.name=none' if method == 'adapter' else 'auxiliary.embeddings=null'}) "
+                              "or compare it with `raylt ablate`")
 
 
 def trial_count(space: dict, num_samples: int) -> int:
@@ -254,11 +276,11 @@ def _progress(num_samples: int):
             self.done += 1
             if self.bar is None:
                 self.bar = Progress("tune trials", num_samples, "trials", log, every=0)  # a line per trial off a terminal
-            val = (trial.last_result or {}).get("val_top1")
+            val = (trial.last_result or {}).get("val_balanced")
             what = ", ".join(f"{k}={fmt(v)}" for k, v in plain(trial.config).items())
-            top1 = "-" if val is None else f"{val:.4f}"
-            self.bar.update(self.done, note=f"last: {what}, val top-1 {top1}",
-                            line=f"tune: trial {self.done}/{num_samples} done ({what}), val top-1 {top1}")
+            score = "-" if val is None else f"{val:.4f}"
+            self.bar.update(self.done, note=f"last: {what}, balanced val {score}",
+                            line=f"tune: trial {self.done}/{num_samples} done ({what}), balanced val {score}")
 
         def on_experiment_end(self, trials, **info):
             if self.bar is not None:
@@ -274,9 +296,8 @@ def plain(params: dict) -> dict:
 
 def _row(result, keys: list[str]) -> dict:
     m = result.metrics
-    row = {"trial": m.get("trial_id", ""), "params": plain({k: result.config[k] for k in keys}),
-           "val_top1": float(m["val_top1"])}
-    row.update({k: float(v) for k, v in m.items() if k.startswith("test_")})
+    row = {"trial": m.get("trial_id", ""), "params": plain({k: result.config[k] for k in keys})}
+    row.update({k: float(v) for k, v in m.items() if k.startswith(("val_", "test_"))})
     return row
 
 
@@ -286,7 +307,7 @@ def fmt(v) -> str:
 
 def markdown(rows: list[dict], best: dict) -> str:
     keys = list(rows[0]["params"])
-    cols = ["val_top1", *(f"test_{k}" for k in COLUMNS)]
+    cols = ["val_balanced", "val_top1", *(f"test_{k}" for k in COLUMNS)]
     table = [[f"{r['trial']}{' (best)' if r is best else ''}", *(fmt(r["params"][k]) for k in keys),
-              *(cell(r.get(c)) for c in cols)] for r in sorted(rows, key=lambda r: -r["val_top1"])]
+              *(cell(r.get(c)) for c in cols)] for r in sorted(rows, key=lambda r: (-r["val_balanced"], r["val_nll"]))]
     return tables.markdown(["trial", *keys, *cols], table)

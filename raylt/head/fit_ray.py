@@ -1,8 +1,14 @@
-"""Ray Train adapter of the head stage: `TorchTrainer` workers run `raylt.head.loop.train_epochs`.
+"""Ray Train adapter of the head stage: each worker runs `LongTailHead`'s `start` and
+`run_epochs` (raylt.head.estimator) on its rows.
 
-Input: one `RowSource` of real train embeddings per worker (raylt.head.rows), optionally the
-val split's (read and scored by rank 0), the calibrated `Gaussians` (an object ref) and the
-config. Output: the head's state dict, from the last checkpoint.
+Input: a `HeadJob` (built by `head_job` only): the estimator's parameters, its `HeadPlan`, one
+`RowSource` of real train embeddings per worker (raylt.head.rows) and optionally the val
+split's (read and scored by rank 0). Output: the head's state dict, from the last checkpoint;
+the driver turns it into the served head with `LongTailHead.finish`.
+
+With `train.num_workers: auto` (the default) a fit on one node runs in Ray Train's local mode,
+in the driver's process, without a worker group to start; more workers, or a multi-node
+cluster, get a real worker group with DDP (raylt.ops.trainer).
 
 Checkpoints (raylt.ops.trainer): rank 0 saves head, optimizer, schedule and epoch every
 epoch; every worker reports each epoch. Re-running with the same output folder resumes from
@@ -12,38 +18,64 @@ silently continued. Per-epoch metrics go to MLflow from rank 0, into the driver'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import ray
-import ray.train
-import ray.train.torch
 import torch
 
 from raylt.config import to_dict
-from raylt.head.loop import make_optimizer, train_epochs
-from raylt.head.modules import build_head, build_loss
-from raylt.latent.sampling import GaussianSampler
-from raylt.methods.auxiliary import silenced, silencing_mask
+from raylt.head.estimator import HeadPlan, LongTailHead
 from raylt.methods.recipes import METHODS
-from raylt.ops.hashing import json_key
 from raylt.ops.console import live, worker_line
-from raylt.ops.trainer import load_rows, quiet_ray, report, resume, run_trainer
+from raylt.ops.hashing import json_key
+from raylt.ops.trainer import (RowSource, TrainerRun, load_rows, prepare, quiet_ray, report, resolve_workers, resume,
+                               run_trainer, worker_context)
 from raylt.tracking import log_epoch
 
 log = logging.getLogger(__name__)
 # Where and how a fit runs, not what it learns: left out of the checkpoints' key.
 _WHERE = ("output_dir", "cpus_per_worker", "threads_per_worker", "placement_strategy", "max_failures")
-_AFTER = ("posthoc", "posthoc_tau")  # head settings applied after training (raylt.head.posthoc)
+_AFTER = ("posthoc", "posthoc_tau", "calibrate")  # head settings applied after training (LongTailHead.finish)
+
+
+@dataclass(frozen=True)
+class HeadJob:
+    """What the driver hands every worker of the head stage."""
+
+    params: dict  # LongTailHead's parameters
+    plan: HeadPlan  # its Gaussians an object ref for a worker group
+    train: tuple[RowSource, ...]  # one per rank
+    steps: int | tuple[int, ...]  # real batches per epoch (per selection round), equal on every rank
+    val: RowSource | None  # scored by rank 0 after every epoch
+    tracking: dict | None  # raylt.tracking.worker_target of the driver's run
+    log_levels: dict  # the driver's levels of Ray Train's and Ray Data's loggers
+    progress_every: float  # seconds between progress lines (0: every epoch, for a live bar)
+
+
+def head_job(est: LongTailHead, plan: HeadPlan, train: list[RowSource], steps, val: RowSource | None,
+             tracking: dict | None, workers: int) -> HeadJob:
+    """The job of `workers` Ray Train workers (0: local mode). A worker group reads the
+    Gaussians from the object store, once per node; local mode uses the driver's copy."""
+    import ray
+
+    g = plan.gaussians
+    if workers and g is not None:
+        plan = dataclasses.replace(plan, gaussians=ray.put(g))
+    return HeadJob(est.get_params(), plan, tuple(train), tuple(steps) if isinstance(steps, list) else steps, val,
+                   tracking, {n: logging.getLogger(n).getEffectiveLevel() for n in ("ray.train", "ray.data")},
+                   0.0 if live() else 5.0)
 
 
 def fit_key(cfg) -> str:
-    """What a checkpoint must agree with to be resumed: everything that shapes training."""
+    """What a checkpoint must agree with to be resumed: everything that shapes training, the
+    world size included (local mode and one worker train alike)."""
     keep = {k: to_dict(cfg)[k] for k in ("seed", "stats", "sampler", "selection", "adapter", "auxiliary", "head",
                                          "train")}
     keep["train"] = {k: v for k, v in keep["train"].items() if k not in _WHERE}
+    keep["train"]["num_workers"] = max(workers_of(cfg), 1)
     keep["head"] = {k: v for k, v in keep["head"].items() if k not in _AFTER}
     # Settings of a method that is off do not shape training: changing them keeps checkpoints.
     for method, on in METHODS.items():
@@ -62,44 +94,35 @@ def _evaluate_val(head, val: tuple[torch.Tensor, torch.Tensor], num_targets: int
     return hits / max(len(y), 1)
 
 
-def train_loop(config: dict) -> None:
-    """The per-worker loop (Ray Train)."""
-    cfg, key = config["cfg"], config["key"]
-    quiet_ray(config.get("ray_log_levels", {}))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)  # same initial head on every rank
-    head = build_head(cfg.head.name, config["dim"], config["num_classes"], cfg.head.scale, config["init"],
-                      config.get("whiten"))
-    head = ray.train.torch.prepare_model(head)
-    plain = head.module if hasattr(head, "module") else head
-    opt, sched = make_optimizer(head, cfg.train)
-    gaussians = ray.get(config["gaussians"]) if config["gaussians"] is not None else None
-    sampler = GaussianSampler(gaussians, device) if gaussians is not None else None
-    syn_counts = np.asarray(config["syn_counts"])
-    loss_fn = build_loss(cfg.head.loss, np.asarray(config["train_counts"]) + syn_counts, cfg.head.tau)
-    if config.get("neighbours") is not None:  # auxiliary classes: the neighbour-silencing loss
-        loss_fn = silenced(loss_fn, silencing_mask(np.asarray(config["neighbours"], bool)))
-    start = resume(plain, opt, sched, key)
-    # Rank 0 scores the val split every epoch: read once, like the train rows.
-    val = load_rows(config["val"], device)[:2] if config["val"] is not None and rank == 0 else None
-    target = config["tracking"] if rank == 0 else None
-    if start >= cfg.train.epochs:
+def train_loop(job: HeadJob, run: TrainerRun) -> None:
+    """The per-worker loop (Ray Train; in the driver in local mode)."""
+    import ray
+
+    quiet_ray(job.log_levels)
+    rank, world, device = worker_context(run)
+    est = LongTailHead(**job.params)
+    g = job.plan.gaussians
+    training = est.start(job.plan, device, gaussians=ray.get(g) if isinstance(g, ray.ObjectRef) else g)
+    stepped, plain = prepare(training.module, run, device)
+    start = resume(plain, training.opt, training.sched, run)
+    if start >= est.epochs:
         return  # finished earlier: the result is its last checkpoint
-    x, y, keep = load_rows(config["train"][rank], device)
-    epochs = range(start, cfg.train.epochs)
+    # Rank 0 scores the val split every epoch: read once, like the train rows.
+    val = load_rows(job.val, device)[:2] if job.val is not None and rank == 0 else None
+    target = job.tracking if rank == 0 else None
+    x, y, keep = load_rows(job.train[rank], device)
     shown = 0.0
-    for epoch, st in train_epochs(head, loss_fn, opt, sched, x, y, sampler, syn_counts, cfg.seed, cfg.train,
-                                  epochs, rank, world, config["steps"], keep, cfg.selection.every):
+    steps = list(job.steps) if isinstance(job.steps, tuple) else job.steps
+    for epoch, st in est.run_epochs(training, job.plan, x, y, range(start, est.epochs), rank, world, steps, keep,
+                                    module=stepped):
         metrics = {"epoch": epoch, "train_loss": st.loss, "train_real": st.real, "train_synthetic": st.synthetic,
                    "train_matmul_bits": 32 if st.precision == "fp32" else 16}
-        if rank == 0 and val is not None:
-            metrics["val_top1"] = _evaluate_val(plain, val, config.get("num_targets", config["num_classes"]))
-        report(plain, opt, sched, epoch, key, metrics, rank)
+        if val is not None:
+            metrics["val_top1"] = _evaluate_val(plain, val, job.plan.num_targets)
+        report(plain, training.opt, training.sched, epoch, metrics, rank, run)
         target = log_epoch(target, metrics, epoch)
         if rank == 0:
-            shown = _progress(epoch, cfg.train.epochs, metrics, shown, config["progress_every"])
+            shown = _progress(epoch, est.epochs, metrics, shown, job.progress_every)
 
 
 def _progress(epoch: int, epochs: int, metrics: dict, shown: float, every: float = 5.0) -> float:
@@ -114,15 +137,12 @@ def _progress(epoch: int, epochs: int, metrics: dict, shown: float, every: float
     return shown
 
 
-def fit_ray(cfg, train: list, val, gaussians, info: dict, storage: Path, tracking: dict | None) -> dict:
-    """Run the head trainer to completion (or resume it) on one `RowSource` per worker (`train`)
-    and the val split's (or None); the head's final state dict."""
-    config = {
-        "gaussians": ray.put(gaussians) if gaussians is not None else None,
-        "tracking": tracking, "train": train, "val": val, **info,
-        # The driver's console levels for Ray Train's and Ray Data's own messages (a checkpoint
-        # and a report line per epoch, a plan per read): the workers' loggers do not inherit them.
-        "ray_log_levels": {n: logging.getLogger(n).getEffectiveLevel() for n in ("ray.train", "ray.data")},
-        "progress_every": 0.0 if live() else 5.0,
-    }
-    return run_trainer(train_loop, config, cfg, storage, "train", fit_key(cfg), cfg.train.epochs)["model"]
+def fit_ray(cfg, job: HeadJob, storage: Path) -> dict:
+    """Run the head trainer to completion (or resume it); the head's final state dict."""
+    return run_trainer(train_loop, job, cfg.train, storage, "train", fit_key(cfg), cfg.train.epochs)["model"]
+
+
+def workers_of(cfg) -> int:
+    """The train workers a fit of `cfg` runs (0: local mode)."""
+    return resolve_workers(cfg.train.num_workers)
+

@@ -4,8 +4,8 @@ Input: an iterator of real (embeddings [B, D], labels [B]) batches, this worker'
 labels for the epoch and a sampler. Each real batch is joined by the next slice of synthetic
 labels, drawn on the spot, so synthetic embeddings are spread evenly over the epoch and
 never materialised; whatever is left after the last real batch forms synthetic-only batches.
-The Ray Train adapter (raylt.head.fit_ray) feeds it the rows each worker read once (a `RowSource`); tests and benchmarks feed
-it arrays.
+`LongTailHead` (raylt.head.estimator) drives it, in this process or in each Ray Train worker
+(raylt.head.fit_ray) over the rows that worker read once (a `RowSource`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import torch
 from torch import nn
 
 from raylt.config import TrainConfig
-from raylt.head.modules import HEADS, build_head, build_loss
-from raylt.head.whiten import head_whitening
-from raylt.latent.stats import class_moments
-from raylt.latent.sampling import GaussianSampler, shared_tensor, synthetic_counts, worker_labels
+from raylt.latent.sampling import GaussianSampler, worker_labels
 from raylt.ops.optim import adamw_cosine, epoch_generator
 from raylt.ops.precision import autocast, resolve
 
@@ -92,35 +89,6 @@ def run_epoch(
     return EpochStats(total / max(n_real + n_syn, 1), n_real, n_syn, steps, precision)
 
 
-@torch.no_grad()
-def predict_logits(head: nn.Module, x: np.ndarray, batch: int = 65536) -> np.ndarray:
-    head.eval()
-    device = next(head.parameters()).device
-    out = [head(torch.as_tensor(x[s : s + batch], device=device)).float().cpu().numpy() for s in range(0, len(x), batch)]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-def fit_local(x, y, counts, gaussians, head_cfg, train_cfg: TrainConfig, target: int, seed: int, init=None,
-              device: str = "cpu", on_epoch: Callable | None = None, whiten=None):
-    """The whole head fit in this process (no Ray): the same epochs the Ray workers run;
-    `on_epoch(epoch, head, stats)` after each (a sweep scores and reports there). `whiten`:
-    the raylt.head.whiten.Whitening a whitened head needs, else computed from (x, y)."""
-    if whiten is None and HEADS.get(head_cfg.name).whitened:
-        whiten = head_whitening(head_cfg, class_moments(x, y, len(counts), rank=1))
-    torch.manual_seed(seed)
-    head = build_head(head_cfg.name, x.shape[1], len(counts), head_cfg.scale, init, whiten).to(device)
-    syn_counts = synthetic_counts(counts, target, gaussians.valid) if gaussians is not None else np.zeros_like(counts)
-    loss_fn = build_loss(head_cfg.loss, counts + syn_counts, head_cfg.tau)
-    opt, sched = make_optimizer(head, train_cfg)
-    sampler = GaussianSampler(gaussians, device) if gaussians is not None else None
-    xd, yd = shared_tensor(x, device), shared_tensor(y, device)  # read-only in a Tune trial (object store)
-    for epoch, st in train_epochs(head, loss_fn, opt, sched, xd, yd, sampler, syn_counts, seed, train_cfg,
-                                  range(train_cfg.epochs)):
-        if on_epoch is not None:
-            on_epoch(epoch, head, st)
-    return head
-
-
 def train_epochs(head, loss_fn, opt, sched, x: torch.Tensor, y: torch.Tensor, sampler, syn_counts: np.ndarray,
                  seed: int, cfg: TrainConfig, epochs: range, rank: int = 0, world: int = 1,
                  steps: int | list[int] | None = None, keep: torch.Tensor | None = None, every: int = 0):
@@ -137,7 +105,7 @@ def train_epochs(head, loss_fn, opt, sched, x: torch.Tensor, y: torch.Tensor, sa
     for epoch in epochs:
         r = epoch // every if (keep is not None and every) else 0
         xs, ys = (x, y) if keep is None else _round_rows(x, y, keep, r)
-        n_steps = steps[r] if isinstance(steps, list) else steps
+        n_steps = steps[r] if isinstance(steps, (list, tuple)) else steps
         expected = n_steps or math.ceil(len(ys) / cfg.batch_size)
         gen = epoch_generator(seed, epoch, rank, x.device)
         order = torch.randperm(len(ys), device=x.device, generator=gen)

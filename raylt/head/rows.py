@@ -21,90 +21,26 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 
 from raylt.config import RayltConfig, expand_path
 from raylt.embed.backbones import text_embeddings
 from raylt.embed.inputs import EmbeddingSet, open_embeddings, read_split
-from raylt.errors import ConfigError, RayltError
-from raylt.latent.sampling import synthetic_counts
+from raylt.errors import RayltError
 from raylt.methods.auxiliary import auxiliary_rows, class_means
 from raylt.methods.bns_artifact import adapter_numpy
 from raylt.methods.recipes import is_on
-from raylt.methods.selection import SELECTORS
+from raylt.methods.selection import TrainRows, cuts, num_rounds, round_steps, train_rows
 from raylt.ops.trainer import RowSource
 
 log = logging.getLogger(__name__)
 
-MAX_ROUNDS = 63  # rounds live in the bits of one int64 per row
-
-
-@dataclass(frozen=True)
-class TrainRows:
-    x: np.ndarray  # [M, D] float32, shuffled
-    y: np.ndarray  # [M] labels, targets 0..C-1 then auxiliary classes
-    keep: np.ndarray  # [M] int64 bit mask of the selection rounds each row is in
-    rounds: int
-
-    def counts(self, num_classes: int, r: int = 0) -> np.ndarray:
-        """Rows per class in round r (every round keeps min(n_c, k) rows per class)."""
-        return np.bincount(self.y[(self.keep >> r) & 1 == 1], minlength=num_classes)
-
-
-def num_rounds(every: int, epochs: int) -> int:
-    rounds = math.ceil(epochs / every) if every else 1
-    if rounds > MAX_ROUNDS:
-        raise ConfigError(
-            f"selection.every={every} with train.epochs={epochs} makes {rounds} selection rounds; at most"
-            f" {MAX_ROUNDS}: raise selection.every"
-        )
-    return rounds
-
-
-def train_rows(x: np.ndarray, y: np.ndarray, selector: str, k: int, rounds: int, seed: int,
-               aux_x: np.ndarray | None = None, aux_y: np.ndarray | None = None) -> TrainRows:
-    """Selected target rows (one bit per round) and auxiliary rows (in every round), shuffled."""
-    select = SELECTORS.get(selector)
-    keep = np.zeros(len(y), np.int64)
-    for r in range(rounds):
-        rows = select(x, y, k, seed=int(np.random.SeedSequence([seed, r]).generate_state(1)[0]))
-        keep[rows] |= np.int64(1) << r
-    used = keep != 0  # rows no round selected never reach the workers
-    x, y, keep = x[used], y[used], keep[used]
-    if aux_x is not None and len(aux_x):
-        x = np.concatenate([x, aux_x.astype(np.float32, copy=False)])
-        y = np.concatenate([y, aux_y])
-        keep = np.concatenate([keep, np.full(len(aux_y), (1 << rounds) - 1, np.int64)])
-    order = np.random.default_rng([seed, 0x5E1]).permutation(len(y))
-    return TrainRows(np.ascontiguousarray(x[order]), y[order], keep[order], rounds)
-
-
-def cuts(n: int, workers: int) -> list[int]:
-    """Row indices where the shards of `workers` ranks start (sizes differ by at most one)."""
-    return [round(n * i / workers) for i in range(workers + 1)]
-
-
-def round_steps(rows: TrainRows, workers: int, batch_size: int) -> list[int]:
-    """Steps per round, equal on every rank: enough batches for the largest shard, but never
-    more than the smallest shard has rows (a step without a real row would be empty)."""
-    if len(rows.y) < workers:
-        raise RayltError(f"{len(rows.y)} train rows cannot feed {workers} train workers; lower train.num_workers")
-    c = cuts(len(rows.y), workers)
-    steps = []
-    for r in range(rows.rounds):
-        bit = ((rows.keep >> r) & 1).astype(np.int64)
-        per_rank = np.add.reduceat(bit, c[:-1]) if len(bit) else np.zeros(workers, np.int64)
-        if per_rank.min() == 0:
-            raise RayltError(
-                f"selection round {r} leaves a train worker without rows ({per_rank.tolist()} per worker);"
-                " lower train.num_workers"
-            )
-        steps.append(int(max(1, min(math.ceil(per_rank.max() / batch_size), per_rank.min()))))
-    return steps
-
-
 def shard_refs(rows: TrainRows, workers: int) -> list[RowSource]:
-    """One row source per rank from the in-memory rows: its slice in the object store."""
+    """One row source per rank from the in-memory rows: its slice in the object store (or, in
+    local mode, the arrays themselves)."""
+    if workers == 0:
+        return [RowSource(ref=(rows.x, rows.y, rows.keep), hi=len(rows.y))]
+    import ray
+
     c = cuts(len(rows.y), workers)
     return [RowSource(ref=ray.put((rows.x[c[w]:c[w + 1]], rows.y[c[w]:c[w + 1]], rows.keep[c[w]:c[w + 1]])),
                       hi=c[w + 1] - c[w]) for w in range(workers)]
@@ -113,40 +49,42 @@ def shard_refs(rows: TrainRows, workers: int) -> list[RowSource]:
 def file_shards(es: EmbeddingSet, workers: int, batch_size: int) -> tuple[list[RowSource], int]:
     """One row source per rank over the train split's files (N / workers rows each, sizes
     differing by at most one; no row is dropped) and the steps every rank takes per epoch."""
-    n = int(es.train_counts.sum())
-    if n // workers == 0:
-        raise RayltError(f"{n} train embeddings cannot feed {workers} train workers; lower train.num_workers")
-    c = cuts(n, workers)
-    steps = max(1, min(math.ceil(math.ceil(n / workers) / batch_size), n // workers))
-    return [RowSource(es.files, es.dim, "train", c[w], c[w + 1]) for w in range(workers)], steps
+    n, ranks = int(es.train_counts.sum()), max(workers, 1)
+    if n // ranks == 0:
+        raise RayltError(f"{n} train embeddings cannot feed {ranks} train workers; lower train.num_workers")
+    c = cuts(n, ranks)
+    steps = max(1, min(math.ceil(math.ceil(n / ranks) / batch_size), n // ranks))
+    return [RowSource(es.files, es.dim, "train", c[w], c[w + 1]) for w in range(ranks)], steps
 
 
-def head_inputs(cfg: RayltConfig, es: EmbeddingSet, gaussians, adapter: dict | None):
-    """(train datasets, val dataset, trainer info, metrics) of the head stage: the real rows
-    (read by each worker from the files, or chosen by a selector and joined by auxiliary rows), the synthetic budget per
-    class, and the head's classes (targets, then auxiliary)."""
+@dataclass(frozen=True)
+class HeadRows:
+    """The head's real rows as its workers take them, and the classes they train."""
+
+    sources: tuple[RowSource, ...]  # one per rank
+    steps: int | list[int]  # real batches per epoch (per selection round), equal on every rank
+    real_counts: np.ndarray  # [classes] real rows per class and epoch (targets, then auxiliary)
+    names: tuple[str, ...]  # the head's classes: targets, then auxiliary
+    neighbours: np.ndarray | None  # auxiliary classes' silencing mask
+    metrics: dict  # what was chosen, for metrics.json
+
+
+def head_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None, workers: int) -> HeadRows:
+    """The real rows of the head stage for `workers` Ray Train workers (0: local mode): read by
+    each worker from the files, or chosen by a selector and joined by auxiliary rows."""
     rows, aux, extra = _chosen_rows(cfg, es, adapter)
-    c, names = es.num_classes, list(es.class_names) + list(aux.names if aux else ())
+    names = tuple(es.class_names) + tuple(aux.names if aux else ())
     real = rows.counts(len(names)) if rows is not None else es.train_counts
-    syn = np.zeros(len(names), np.int64)
-    if gaussians is not None:
-        syn[:c] = synthetic_counts(real[:c], cfg.sampler.target, gaussians.valid)
-    log.info("training stream per epoch: %d real + %d synthetic embeddings, %d classes (%d auxiliary)",
-             real.sum(), syn.sum(), len(names), len(names) - c)
-    init = None
-    if cfg.head.text_init:
-        init = text_embeddings(cfg.backbone, names)
-    val = RowSource(es.files, es.dim, "val") if es.counts.get("val", np.zeros(1)).sum() > 0 else None
-    info = {"dim": es.dim, "num_classes": len(names), "num_targets": c, "init": init, "syn_counts": syn.tolist(),
-            "train_counts": real.tolist(), "neighbours": aux.neighbours.tolist() if aux else None}
     if rows is not None:
-        train = shard_refs(rows, cfg.train.num_workers)
-        info["steps"] = round_steps(rows, cfg.train.num_workers, cfg.train.batch_size)
+        sources, steps = shard_refs(rows, workers), round_steps(rows, max(workers, 1), cfg.train.batch_size)
     else:
-        train, steps = file_shards(es, cfg.train.num_workers, cfg.train.batch_size)
-        info["steps"] = steps
-    extra.update(real_per_epoch=int(real.sum()), synthetic_per_epoch=int(syn.sum()))
-    return train, val, info, extra
+        sources, steps = file_shards(es, workers, cfg.train.batch_size)
+    return HeadRows(tuple(sources), steps, np.asarray(real), names, aux.neighbours if aux else None, extra)
+
+
+def class_text(cfg: RayltConfig, names) -> np.ndarray | None:
+    """The head's initial weights: CLIP text embeddings of the class names (head.text_init)."""
+    return text_embeddings(cfg.backbone, list(names)) if cfg.head.text_init else None
 
 
 def _chosen_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None):

@@ -1,4 +1,5 @@
-"""Ray adapters of the feature-adapter stage: BNS training in Ray Train, then the adapted
+"""Ray adapters of the feature-adapter stage: BNS training in Ray Train (local mode on one
+node, raylt.ops.trainer), then the adapted
 embeddings of every split written with Ray Data.
 
 Input: an `EmbeddingSet` and the `adapter` config. Output: `<out>/adapted-<key>/` holding
@@ -17,22 +18,22 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import ray
-import ray.train
-import ray.train.torch
 import torch
 
-from raylt.config import to_dict
+from raylt.config import AdapterConfig, to_dict
 from raylt.embed.inputs import EmbeddingSet, open_embeddings, table_arrays
 from raylt.embed.store import embedding_table
 from raylt.methods.bns import ResidualAdapter, adapter_epoch, adapter_optimizer, adapter_params, adapter_steps
 from raylt.methods.bns_artifact import adapter_numpy, load_adapter, save_adapter
 from raylt.ops.hashing import json_key
 from raylt.ops.optim import epoch_generator
-from raylt.ops.trainer import RowSource, load_rows, report, resume, run_trainer
+from raylt.ops.trainer import (RowSource, TrainerRun, load_rows, prepare, report, resolve_workers, resume,
+                               run_trainer, worker_context)
 from raylt.tracking import log_epoch
 
 log = logging.getLogger(__name__)
@@ -40,33 +41,40 @@ log = logging.getLogger(__name__)
 
 def adapter_key(cfg, es_key: str) -> str:
     """What adapted embeddings must agree with to be reused: the inputs and the adapter's training."""
-    return json_key({"adapter": to_dict(cfg.adapter), "seed": cfg.seed, "workers": cfg.train.num_workers,
-                     "inputs": es_key}, 12)
+    return json_key({"adapter": to_dict(cfg.adapter), "seed": cfg.seed,
+                     "workers": max(resolve_workers(cfg.train.num_workers), 1), "inputs": es_key}, 12)
 
 
-def adapter_loop(config: dict) -> None:
-    """The per-worker BNS loop (Ray Train)."""
-    cfg = config["cfg"]
-    acfg = cfg.adapter
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
-    adapter = ray.train.torch.prepare_model(ResidualAdapter(config["dim"], acfg.hidden))
-    plain = adapter.module if hasattr(adapter, "module") else adapter
+@dataclass(frozen=True)
+class AdapterJob:
+    """What the driver hands every worker of the adapter stage."""
+
+    adapter: AdapterConfig
+    seed: int
+    dim: int
+    rows: RowSource  # the whole train split: every worker holds it
+    tracking: dict | None
+
+
+def adapter_loop(job: AdapterJob, run: TrainerRun) -> None:
+    """The per-worker BNS loop (Ray Train; in the driver in local mode)."""
+    acfg = job.adapter
+    rank, world, device = worker_context(run)
+    torch.manual_seed(job.seed)
+    adapter, plain = prepare(ResidualAdapter(job.dim, acfg.hidden), run, device)
     opt, sched = adapter_optimizer(adapter, acfg)
-    start = resume(plain, opt, sched, config["key"])
+    start = resume(plain, opt, sched, run)
     if start >= acfg.epochs:
         return
-    x, y, _ = load_rows(config["rows"], device)
+    x, y, _ = load_rows(job.rows, device)
     y_np = y.cpu().numpy()
     steps = adapter_steps(len(y_np), acfg, world)
-    target = config["tracking"] if rank == 0 else None
+    target = job.tracking if rank == 0 else None
     for epoch in range(start, acfg.epochs):
-        loss = adapter_epoch(adapter, opt, x, y_np, acfg, steps, epoch_generator(cfg.seed, epoch, rank))
+        loss = adapter_epoch(adapter, opt, x, y_np, acfg, steps, epoch_generator(job.seed, epoch, rank))
         sched.step()
         metrics = {"epoch": epoch, "adapter_loss": loss}
-        report(plain, opt, sched, epoch, config["key"], metrics, rank)
+        report(plain, opt, sched, epoch, metrics, rank, run)
         target = log_epoch(target, metrics, epoch)
 
 
@@ -80,8 +88,8 @@ def adapt(cfg, es: EmbeddingSet, es_key: str, out: Path, tracking: dict | None) 
         return open_embeddings(folder, str(folder / "classnames.txt")), load_adapter(done)
     t0 = time.perf_counter()
     rows = RowSource(es.files, es.dim, "train", 0, int(es.train_counts.sum()))
-    state = run_trainer(adapter_loop, {"dim": es.dim, "tracking": tracking, "rows": rows}, cfg, out, "adapter", key,
-                        cfg.adapter.epochs)
+    job = AdapterJob(cfg.adapter, cfg.seed, es.dim, rows, tracking)
+    state = run_trainer(adapter_loop, job, cfg.train, out, "adapter", key, cfg.adapter.epochs)
     module = ResidualAdapter(es.dim, cfg.adapter.hidden)
     module.load_state_dict(state["model"])
     params = adapter_params(module)

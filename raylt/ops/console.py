@@ -17,6 +17,7 @@ leave the C++ and deprecation lines.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -49,8 +50,17 @@ def live() -> bool:
 
 
 def worker_line(message: str) -> None:
-    """A line for the user's console from inside a Ray worker."""
-    print(MARK + message, flush=True)
+    """A line for the user's console from inside a Ray worker; shown at once when the caller
+    is the driver itself (Ray Train's local mode runs a worker's loop there)."""
+    if _in_driver():
+        _show((os.getpid(), None), message)
+    else:
+        print(MARK + message, flush=True)
+
+
+def _in_driver() -> bool:
+    worker = sys.modules.get("ray._private.worker")
+    return worker is None or worker.global_worker.mode != worker.WORKER_MODE
 
 
 def _own_lines(data: dict) -> None:

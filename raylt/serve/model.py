@@ -31,7 +31,7 @@ class Model:
 
     @property
     def dim(self) -> int:
-        return int(self.head["weight"].shape[1])
+        return int(self.head.dim)
 
 
 def load_model(uri: str, tracking_uri: str) -> Model:

@@ -77,7 +77,7 @@ def score_batch(batch: dict[str, np.ndarray], head: dict, class_names: tuple[str
     n = len(batch["embedding"])
     errors = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n, "", object)
     ok = np.asarray(batch["ok"], bool).copy() if "ok" in batch else np.ones(n, bool)
-    x = _stack(batch["embedding"]) if n else np.zeros((0, head["weight"].shape[1]), np.float32)
+    x = _stack(batch["embedding"]) if n else np.zeros((0, head.dim), np.float32)
     broken = ok & ~np.isfinite(x).all(axis=1)
     errors = np.where(broken, "the embedding holds NaN or infinite values", errors)
     ok &= ~broken

@@ -67,8 +67,8 @@ class HeadModel(mlflow.pyfunc.PythonModel):
                 x = model_input.to_numpy(dtype=np.float32)  # one column per dimension
         else:
             x = np.asarray(model_input, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.head["weight"].shape[1]:
-            raise ValueError(f"expected embeddings of size {self.head['weight'].shape[1]}, got shape {x.shape}")
+        if x.ndim != 2 or x.shape[1] != self.head.dim:
+            raise ValueError(f"expected embeddings of size {self.head.dim}, got shape {x.shape}")
         return pd.DataFrame(softmax(head_logits(self.head, x)), columns=self.class_names)
 
 

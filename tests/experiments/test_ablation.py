@@ -49,8 +49,8 @@ def test_one_fit_with_selection_adapter_and_auxiliary_classes(ray_session, corpo
     assert m["auxiliary_classes"] > 0 and m["auxiliary_rows"] == 30 * m["auxiliary_classes"]
     assert m["real_per_epoch"] == m["selected_per_round"] + m["auxiliary_rows"]
     head = load_head(r.out / "head.npz")
-    assert head["weight"].shape == (12, 32)  # auxiliary rows dropped at inference
-    assert set(head["adapter"]) == {"w1", "b1", "w2", "b2"} and np.abs(head["adapter"]["w2"]).sum() > 0
+    assert head.weight.shape == (12, 32)  # auxiliary rows dropped at inference
+    assert set(head.adapter) == {"w1", "b1", "w2", "b2"} and np.abs(head.adapter["w2"]).sum() > 0
     # metrics.json scores the logged model on raw embeddings: adapter, then head, once.
     x, y = read_split(es, "test")
     assert (head_logits(head, x).argmax(1) == y).mean() == pytest.approx(m["overall"])

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from raylt.head.artifact import divide_logits, head_logits, load_head, save_head, softmax
+from raylt.head.artifact import HeadArtifact, load_head, softmax
 from raylt.head.calibration import expected_calibration_error, fit_temperature, mean_nll
 
 
@@ -66,7 +66,7 @@ def test_blocks_of_rows_give_the_whole_s_figures(monkeypatch):
     assert (pred == z.argmax(1)).all()
 
 
-def test_dividing_a_saved_head_divides_its_logits(tmp_path):
+def test_dividing_a_saved_head_divides_its_logits_and_offsets_reach_every_kind(tmp_path):
     import torch
 
     rng = np.random.default_rng(1)
@@ -75,9 +75,11 @@ def test_dividing_a_saved_head_divides_its_logits(tmp_path):
         state = {"weight": torch.tensor(rng.normal(size=(3, 4)), dtype=torch.float32),
                  "bias": torch.tensor(rng.normal(size=3), dtype=torch.float32)}
         path = tmp_path / f"{kind}.npz"
-        save_head(state, kind, 16.0, path)
-        before = head_logits(load_head(path), x)
-        divide_logits(path, 2.5)
-        after = head_logits(load_head(path), x)
+        HeadArtifact.from_state(state, kind, 16.0).save(path)
+        before = load_head(path).logits(x)
+        load_head(path).divide_logits(2.5).save(path)
+        after = load_head(path).logits(x)
         np.testing.assert_allclose(after, before / 2.5, rtol=1e-5, atol=1e-5)
         assert (after.argmax(1) == before.argmax(1)).all()
+        shifted = load_head(path).add_to_bias(np.array([0.0, 1.0, -2.0])).logits(x)  # post-hoc offsets
+        np.testing.assert_allclose(shifted - after, np.tile([0.0, 1.0, -2.0], (5, 1)), atol=1e-5)

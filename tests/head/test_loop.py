@@ -1,33 +1,30 @@
-"""The head's epoch core: the default recipe against plain CE, and selection rounds (no Ray)."""
+"""The head's epoch core through `LongTailHead`: the default recipe against plain CE, selection
+rounds, bf16 (no Ray)."""
 
 import numpy as np
 import torch
 
-from raylt.config import HeadConfig, SamplerConfig, TrainConfig
+from raylt.config import HeadConfig
+from raylt.head.estimator import LongTailHead
 from raylt.head.evaluate import evaluate
-from raylt.head.loop import fit_local, predict_logits
-from raylt.latent.sampling import build_gaussians
-from raylt.latent.stats import class_moments
 from raylt.testing.simulate import clip_like
 
 
-def _few_and_overall(head_name: str, train_cfg: TrainConfig) -> dict:
+def _few_and_overall(head_name: str, **train) -> dict:
+    """The sampler's recipe and plain CE, both without post-hoc offsets (no val rows)."""
     counts = np.array([300] * 6 + [40] * 6 + [4] * 12)
     x, y, s = clip_like(counts, 60)
     tr = s == "train"
-    m = class_moments(x[tr], y[tr], len(counts), rank=8)
     res = {}
     for name, loss in (("none", "ce"), ("gaussian", HeadConfig().loss)):
-        g = build_gaussians(name, m, SamplerConfig())
-        head = fit_local(x[tr], y[tr], counts, g, HeadConfig(name=head_name, loss=loss), train_cfg, target=100, seed=0)
-        pred = predict_logits(head, x[~tr]).argmax(1)
-        res[name] = evaluate(pred, y[~tr], counts, [str(i) for i in range(len(counts))])
+        est = LongTailHead(sampler=name, loss=loss, head=head_name, rank=8, target=100, posthoc="none", **train)
+        res[name] = evaluate(est.fit(x[tr], y[tr]).predict(x[~tr]), y[~tr], counts, [str(i) for i in range(len(counts))])
     return res
 
 
 def test_the_sampler_lifts_the_few_shot_classes_of_a_raw_linear_head():
     """On CLIP-like long-tailed embeddings, the sampler lifts the few-shot classes."""
-    res = _few_and_overall("linear", TrainConfig(epochs=15, batch_size=128, lr=0.01))
+    res = _few_and_overall("linear", epochs=15, batch_size=128, lr=0.01)
     assert res["gaussian"]["few"] > res["none"]["few"] + 0.1, res
     assert res["gaussian"]["overall"] > res["none"]["overall"]
 
@@ -35,10 +32,10 @@ def test_the_sampler_lifts_the_few_shot_classes_of_a_raw_linear_head():
 def test_the_default_recipe_beats_plain_ce_and_the_raw_head():
     """The whitened head at the default training settings: the sampler still lifts the few-shot
     classes and the whole, and both beat the raw linear head's recipe above."""
-    res = _few_and_overall("whitened", TrainConfig())
+    res = _few_and_overall("whitened")
     assert res["gaussian"]["few"] > res["none"]["few"] + 0.02, res
     assert res["gaussian"]["overall"] > res["none"]["overall"] + 0.02, res
-    raw = _few_and_overall("linear", TrainConfig())
+    raw = _few_and_overall("linear")
     assert res["gaussian"]["overall"] > raw["gaussian"]["overall"] + 0.1, (res, raw)
     assert res["none"]["few"] > raw["none"]["few"] + 0.1, (res, raw)
 
@@ -72,10 +69,10 @@ def test_bf16_matrix_products_train_the_same_head_as_fp32():
     tr = s == "train"
     heads, hits = {}, {}
     for precision in ("fp32", "bf16", "bf16"):
-        cfg = TrainConfig(epochs=3, batch_size=256, precision=precision)
-        head = fit_local(x[tr], y[tr], counts, None, HeadConfig(), cfg, target=0, seed=0)
-        assert all(p.dtype == torch.float32 for p in head.parameters())
-        pred = predict_logits(head, x[~tr]).argmax(1)
+        est = LongTailHead(sampler="none", posthoc="none", epochs=3, batch_size=256, precision=precision)
+        pred = est.fit(x[tr], y[tr]).predict(x[~tr])
+        assert est.artifact_.weight.dtype == np.float32
+        assert {h["precision"] for h in est.history_} == {precision}
         if precision in heads:
             np.testing.assert_array_equal(pred, heads[precision])  # same seed, same head
         heads[precision], hits[precision] = pred, (pred == y[~tr]).mean()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from raylt.errors import ConfigError, RayltError
-from raylt.head.rows import TrainRows, num_rounds, round_steps, train_rows
+from raylt.methods.selection import TrainRows, num_rounds, round_steps, train_rows
 
 
 def test_train_rows_select_per_round_and_keep_auxiliary_rows_in_every_round():

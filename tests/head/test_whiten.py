@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from raylt.head.artifact import head_logits, load_head, save_head
+from raylt.head.artifact import HeadArtifact, load_head
 from raylt.head.modules import build_head
 from raylt.head.whiten import oas_shrinkage, whitening
 from raylt.latent.stats import class_moments
@@ -50,22 +50,21 @@ def test_a_whitened_head_saves_as_the_linear_head_with_the_same_logits(tmp_path)
         head.weight.normal_()
         head.bias.normal_()
         expected = head(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
-    save_head(head.state_dict(), "whitened", 16.0, tmp_path / "head.npz")
+    HeadArtifact.from_state(head.state_dict(), "whitened", 16.0).save(tmp_path / "head.npz")
     saved = load_head(tmp_path / "head.npz")
-    assert saved["kind"] == "linear" and saved["weight"].shape == (4, x.shape[1])
-    np.testing.assert_allclose(head_logits(saved, x), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    assert saved.kind == "linear" and saved.weight.shape == (4, x.shape[1])
+    np.testing.assert_allclose(saved.logits(x), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
 def test_text_init_starts_a_whitened_head_at_the_raw_linear_init(tmp_path):
     x, y = _anisotropic()
     w = whitening(class_moments(x, y, 4, rank=2), ridge=0.01)
     init = np.random.default_rng(2).normal(size=(4, x.shape[1]))
-    save_head(build_head("whitened", x.shape[1], 4, 16.0, init=init, whiten=w).state_dict(), "whitened", 16.0,
-              tmp_path / "w.npz")
-    save_head(build_head("linear", x.shape[1], 4, 16.0, init=init).state_dict(), "linear", 16.0, tmp_path / "l.npz")
-    a, b = load_head(tmp_path / "w.npz"), load_head(tmp_path / "l.npz")
-    np.testing.assert_allclose(a["weight"], b["weight"], atol=1e-3)
-    np.testing.assert_allclose(a["bias"], b["bias"], atol=1e-2)
+    a = HeadArtifact.from_state(build_head("whitened", x.shape[1], 4, 16.0, init=init, whiten=w).state_dict(),
+                                "whitened", 16.0)
+    b = HeadArtifact.from_state(build_head("linear", x.shape[1], 4, 16.0, init=init).state_dict(), "linear", 16.0)
+    np.testing.assert_allclose(a.weight, b.weight, atol=1e-3)
+    np.testing.assert_allclose(a.bias, b.bias, atol=1e-2)
 
 
 def test_a_whitened_head_refuses_to_build_without_its_whitening():

@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port, http_process
 from raylt.cli import main
 from raylt.embed.inputs import open_embeddings, read_split
-from raylt.head.artifact import head_logits, load_head
+from raylt.head.artifact import HeadArtifact, head_logits, load_head
 
 pytestmark = pytest.mark.ray
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -157,8 +157,7 @@ def test_score_batch_ranks_classes_and_keeps_rows_it_cannot_score():
     from raylt.serve.predict import score_batch, top_k
 
     rng = np.random.default_rng(0)
-    head = {"kind": "linear", "weight": rng.normal(size=(4, 3)).astype(np.float32), "bias": np.zeros(4, np.float32),
-            "scale": 1.0, "adapter": None}
+    head = HeadArtifact("linear", rng.normal(size=(4, 3)).astype(np.float32), np.zeros(4, np.float32))
     rows = [rng.normal(size=3).astype(np.float32) for _ in range(5)]
     rows[2] = np.array([np.nan, 0, 0], np.float32)
     batch = {"embedding": np.array(rows + [None], dtype=object)[:-1], "label": np.array([0, 1, 2, 7, 3]),
@@ -166,7 +165,7 @@ def test_score_batch_ranks_classes_and_keeps_rows_it_cannot_score():
     t = score_batch(batch, head, ("w", "x", "y", "z"), k=2)
     assert t.column_names == ["id", "label", "class", "class_1", "label_1", "prob_1", "class_2", "label_2", "prob_2",
                               "error"]
-    logits = np.stack([rows[i] for i in (0, 1, 3, 4)]) @ head["weight"].T
+    logits = np.stack([rows[i] for i in (0, 1, 3, 4)]) @ head.weight.T
     best = np.argsort(-logits, axis=1)[:, :2]
     assert [t["label_1"][i].as_py() for i in (0, 1, 3, 4)] == best[:, 0].tolist()
     assert [t["label_2"][i].as_py() for i in (0, 1, 3, 4)] == best[:, 1].tolist()
