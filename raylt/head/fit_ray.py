@@ -112,8 +112,7 @@ def train_loop(job: HeadJob, run: TrainerRun) -> None:
     target = job.tracking if rank == 0 else None
     x, y, keep = load_rows(job.train[rank], device)
     shown = 0.0
-    steps = list(job.steps) if isinstance(job.steps, tuple) else job.steps
-    for epoch, st in est.run_epochs(training, job.plan, x, y, range(start, est.epochs), rank, world, steps, keep,
+    for epoch, st in est.run_epochs(training, job.plan, x, y, range(start, est.epochs), rank, world, job.steps, keep,
                                     module=stepped):
         metrics = {"epoch": epoch, "train_loss": st.loss, "train_real": st.real, "train_synthetic": st.synthetic,
                    "train_matmul_bits": 32 if st.precision == "fp32" else 16}

@@ -1,5 +1,5 @@
-"""The head's inputs (`head_inputs`): its real rows, its synthetic budget per class and its
-classes; and the real rows when they are chosen rather than streamed: a selection of the train
+"""The head's real rows (`head_rows` -> `HeadRows`): where each worker reads them, the steps
+per epoch and the head's classes; and the real rows when they are chosen rather than streamed: a selection of the train
 embeddings per round (raylt.methods.selection), plus auxiliary-class rows (raylt.methods.auxiliary).
 
 Input: train embeddings [N, D] and labels [N] on the driver (selection needs a class's rows
