@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python bench/class_stats.py
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/fixed_costs.py
 
 lock: install
 	$(BIN)/pip freeze --exclude-editable | grep -v '^raylt' > requirements.lock

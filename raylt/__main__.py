@@ -1,7 +1,5 @@
 """`python -m raylt` is the `raylt` command."""
 
-import sys
+from raylt.cli import command
 
-from raylt.cli import main
-
-sys.exit(main())
+command()

@@ -1,5 +1,5 @@
-"""The pipeline: embed -> class statistics -> the head's recipe (raylt.head.estimator's
-`LongTailHead`: plan, Ray Train epochs, post-hoc offsets and temperature) -> evaluation -> MLflow.
+"""The pipeline: embed -> class statistics -> the head's recipe (raylt.head.recipe's
+`HeadRecipe`: plan, Ray Train epochs, post-hoc offsets and temperature) -> evaluation -> MLflow.
 
 `run(cfg)` embeds the configured data set (or reuses its store) and fits into
 `<train.output_dir>/<name>`. `fit(cfg, embeddings, out)` runs every stage after `embed` on an
@@ -23,22 +23,22 @@ from pathlib import Path
 import numpy as np
 
 from raylt import tracking
-from raylt.choices import check_names
 from raylt.config import RayltConfig, expand_path, to_dict
 from raylt.embed.inputs import EmbeddingSet, eval_split, open_embeddings, read_split
 from raylt.embed.stage import run_embed
 from raylt.head.artifact import HeadArtifact
 from raylt.head.calibration import expected_calibration_error
-from raylt.head.estimator import LongTailHead
+from raylt.head.recipe import HeadRecipe
 from raylt.head.evaluate import evaluate, plot_per_class, write_metrics
 from raylt.head.fit_ray import fit_ray, head_job, workers_of
 from raylt.head.rows import class_text, head_rows
 from raylt.latent.stats_ray import class_stats, files_key
 from raylt.methods.bns_ray import adapt
 from raylt.methods.recipes import baseline_config, is_on, recipe_label
-from raylt.ops.cluster import init_ray
+from raylt.ops.cluster import join_cluster
 from raylt.ops.locks import file_lock
 from raylt.ops.trainer import RowSource
+from raylt.preflight import check_fit, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,9 @@ class FitResult:
 def run(cfg: RayltConfig, baseline: bool = False, out: Path | None = None) -> list[FitResult]:
     """The whole pipeline: embed (or reuse the store), then fit into `out` (default
     `<train.output_dir>/<name>`); optionally the CE baseline too, into `out/baseline`."""
-    check_names(cfg)
-    tracking.check_reachable(cfg)  # before hours of embedding, not after
-    es = embedded(cfg)
     out = out or expand_path(cfg.train.output_dir) / cfg.name
+    check_fits(cfg, out, baseline)  # before hours of embedding, not after
+    es = embedded(cfg)
     results = [fit(cfg, es, out, run_name="run")]
     if baseline:
         results.append(fit(baseline_config(cfg), es, out / "baseline", run_name="baseline"))
@@ -72,8 +71,7 @@ def embedded(cfg: RayltConfig) -> EmbeddingSet:
 
 def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, run_name: str = "fit",
         parent_run_id: str | None = None) -> FitResult:
-    check_names(cfg)
-    tracking.check_reachable(cfg)
+    check_fit(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     # One run per output folder: two would share Ray Train's checkpoints and the results.
     with file_lock(out / ".lock", f"output folder {out}", wait=False,
@@ -86,9 +84,9 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, run_name: str = "fit",
 
 def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
                 parent_run_id: str | None) -> tuple[dict, str | None, str | None]:
-    init_ray(cfg.ray)
+    join_cluster(cfg.ray, cfg.train.num_workers)
     times: dict[str, float] = {}
-    est = LongTailHead.from_config(cfg, "cuda" if cfg.train.use_gpu else "cpu")
+    est = HeadRecipe.from_config(cfg, "cuda" if cfg.train.use_gpu else "cpu")
     with tracking.start_run(cfg, run_name, parent_run_id) as run:
         target = tracking.worker_target(run)
         es, adapter = raw, None  # the logged model takes raw embeddings: it is evaluated on them
@@ -120,14 +118,14 @@ def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
     return metrics, run.info.run_id if run is not None else None, uri
 
 
-def _class_statistics(cfg: RayltConfig, est: LongTailHead, es: EmbeddingSet, out: Path):
+def _class_statistics(cfg: RayltConfig, est: HeadRecipe, es: EmbeddingSet, out: Path):
     """({transform: class moments of the train split} that the estimator's plan needs, the
     class statistics file), cached beside a store (or in `out` for other inputs)."""
     cache = es.path / "stats" if es.is_store else out
     moments, stats_file = {}, None
     for transform in est.statistics(cfg):
         cache.mkdir(exist_ok=True)
-        moments[transform], file = class_stats(es, cfg.stats.rank, transform, cache)
+        moments[transform], file = class_stats(es, cfg.stats.rank, transform, cache, cfg.ray)
         stats_file = stats_file or file
     return moments, stats_file
 

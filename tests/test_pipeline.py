@@ -1,9 +1,13 @@
 """The whole pipeline on a local Ray: demo images -> store -> stats -> Ray Train head -> MLflow."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -107,21 +111,51 @@ def test_same_config_and_seed_give_the_same_metrics_and_a_rerun_resumes(demo_run
         fit(other, es, recipe.out)
 
 
-def test_fit_command_on_own_embeddings(ray_session, tmp_path):
+def own_embeddings(tmp: Path) -> Path:
     from raylt.testing.simulate import clip_like, write_parquet
 
     counts = np.array([120] * 4 + [30] * 4 + [3] * 8)
     x, y, s = clip_like(counts, 20, splits=("val", "test"))
-    write_parquet(x, y, s, tmp_path / "emb" / "part-0.parquet", [f"kind {i}" for i in range(16)])
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    write_parquet(x, y, s, tmp / "emb" / "part-0.parquet", [f"kind {i}" for i in range(16)])
+    return tmp / "emb"
+
+
+@contextlib.contextmanager
+def own_processes():
+    """An environment whose processes (the command's, and any Ray process it starts, which
+    inherit it) carry a marker and keep Ray's files in a folder of their own; yields (env,
+    the Ray folder, a function listing the marked processes still alive)."""
+    marker = f"RAYLT_TEST_PROCESS={uuid.uuid4().hex}".encode()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYLT_TEST_PROCESS": marker.decode().split("=")[1]}
     env.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)  # as a user's shell has it
-    out = subprocess.run(
-        [sys.executable, "-m", "raylt", "fit", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "o"),
-         "--class-names", str(tmp_path / "emb" / "classnames.txt"), "--baseline", "train.epochs=3",
-         # joins the session's Ray: a second Ray on the same cores would double the start-up
-         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"ray.address={ray_session.get_runtime_context().gcs_address}"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )
+    env.pop("RAY_ADDRESS", None)
+
+    def alive() -> list[str]:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+        return found
+
+    # Ray's socket paths must stay under 108 bytes: a short folder, not pytest's.
+    with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as ray_tmp:
+        env["RAY_TMPDIR"] = ray_tmp
+        yield env, Path(ray_tmp), alive
+
+
+def test_fit_command_on_own_embeddings_starts_no_ray_and_leaves_no_process(tmp_path):
+    emb = own_embeddings(tmp_path)
+    with own_processes() as (env, ray_tmp, alive):
+        out = subprocess.run(
+            [sys.executable, "-m", "raylt", "fit", "--embeddings", str(emb), "--out", str(tmp_path / "o"),
+             "--class-names", str(emb / "classnames.txt"), "--baseline", "train.epochs=3",
+             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        )
+        # One machine, small inputs: Ray Train's local mode, the class statistics in the driver.
+        assert not (ray_tmp / "ray").exists(), "a local Ray was started"
+        assert alive() == []
     assert out.returncode == 0, out.stderr[-3000:]
     # The whole console at default verbosity: raylt's own lines, each once (raylt.ops.console).
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
@@ -137,6 +171,28 @@ def test_fit_command_on_own_embeddings(ray_session, tmp_path):
     assert (tmp_path / "o" / "baseline" / "metrics.json").is_file()
     assert m["posthoc"] == "count" and m["posthoc_from"] == "val" and m["posthoc_tau"] in TAUS
     assert m["temperature_from"] == "val" and m["temperature"] > 0 and 0.0 <= m["ece"] <= 1.0
+
+
+def test_a_fit_that_starts_ray_leaves_no_process_of_it(tmp_path):
+    """A Ray Train worker group (`train.num_workers=1`) on a local Ray that the command starts:
+    raylet, GCS, workers, the train controller and its helpers all end with the command."""
+    emb = own_embeddings(tmp_path)
+    with own_processes() as (env, ray_tmp, alive):
+        out = subprocess.run(
+            [sys.executable, "-m", "raylt", "fit", "--embeddings", str(emb), "--out", str(tmp_path / "o"),
+             "train.epochs=2", "train.num_workers=1", "tracking.enabled=false"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert list((ray_tmp / "ray").glob("session_*")), "no Ray was started: the test proves nothing"
+        left = alive()
+        for _ in range(50):  # what the driver's Ray shutdown signalled may take a moment to exit
+            if not left:
+                break
+            time.sleep(0.2)
+            left = alive()
+        assert left == []
+    assert (tmp_path / "o" / "head.npz").is_file()
 
 
 def test_fit_refuses_bad_embeddings_in_one_line(tmp_path):

@@ -48,7 +48,7 @@ def read_cifar_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return data, labels, names
 
 
-@SOURCES.register("cifar100", "CIFAR-100 python pickles, long-tailed (CIFAR-100-LT)")
+@SOURCES.register("cifar100")
 def load_cifar100(cfg: DataConfig) -> Source:
     if cfg.root is None:
         raise ConfigError("data.root is required for data.source=cifar100 (folder with cifar-100-python/)")

@@ -24,7 +24,7 @@ def render_digit(pixels8x8: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-@SOURCES.register("demo", "built-in handwritten digits (scikit-learn), long-tailed; no download")
+@SOURCES.register("demo")
 def load_demo(cfg: DataConfig) -> Source:
     from sklearn.datasets import load_digits  # scikit-learn only for the demo (its import takes a second)
 

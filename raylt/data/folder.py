@@ -39,7 +39,7 @@ def scan_split(split_root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-@SOURCES.register("folder", "class-per-folder image trees (ImageFolder layout)")
+@SOURCES.register("folder")
 def load_folder(cfg: DataConfig) -> Source:
     if cfg.root is None:
         raise ConfigError("data.root is required for data.source=folder (the image tree)")

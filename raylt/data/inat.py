@@ -76,7 +76,7 @@ def _rows(path: Path, data: dict, labels_of: dict, allow_outside_root: bool) -> 
     return names, labels, skipped
 
 
-@SOURCES.register("inat", "iNaturalist 2018/2021 COCO-style annotation JSON, one file per split")
+@SOURCES.register("inat")
 def load_inat(cfg: DataConfig) -> Source:
     root = expand_path(root_and_train(cfg, "the image root the file names are under", "e.g. train2018.json"))
     where = {s: resolve_split(cfg, s) for s in cfg.splits}

@@ -57,7 +57,7 @@ def _open(path: str, cfg: DataConfig, filesystem=None) -> pq.ParquetFile:
     return pf
 
 
-@SOURCES.register("parquet_images", "Parquet files of encoded images: image-bytes, label, optional id and split columns")
+@SOURCES.register("parquet_images")
 def load_parquet_images(cfg: DataConfig) -> Source:
     shards = shard_files(cfg)
     cols = {k: [] for k in ("id", "value", "split", "path", "row", "where")}

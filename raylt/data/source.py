@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +19,9 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from raylt import longtail
+from raylt.choices import SOURCES  # declared there: names, help, this module
 from raylt.config import DataConfig
 from raylt.errors import ConfigError, DataError
-from raylt.registry import Registry
-
-SOURCES: Registry[Callable[[DataConfig], "Source"]] = Registry("data source")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def resolve_split(cfg: DataConfig, name: str) -> Path:
     return p.resolve()
 
 
-@SOURCES.register("split_file", "Places-LT / ImageNet-LT split files: `path label` per line")
+@SOURCES.register("split_file")
 def load_split_files(cfg: DataConfig) -> Source:
     root = expand_path(root_and_train(cfg, "the image root folder", "a split file"))
     rel_paths, labels, splits = [], [], []

@@ -93,7 +93,7 @@ def _label_value(raw: bytes, key: str, where: str):
     return text
 
 
-@SOURCES.register("webdataset", "WebDataset tar shards: image + label members per sample, brace patterns")
+@SOURCES.register("webdataset")
 def load_webdataset(cfg: DataConfig) -> Source:
     if cfg.label_key not in LABEL_KEYS:
         raise ConfigError(f"data.label_key {cfg.label_key!r} is not one of {', '.join(LABEL_KEYS)}")

@@ -19,17 +19,17 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from raylt.choices import BACKBONES  # declared there: names, help, this module
 from raylt.config import BackboneConfig
 from raylt.embed.images import DecodeSpec
 from raylt.embed.recipe import weights_identity
 from raylt.errors import BackboneError
 from raylt.ops.precision import autocast
-from raylt.registry import Registry
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -42,9 +42,6 @@ class Encoder(Protocol):
     def encode(self, pixels: torch.Tensor, precision: str = "fp32") -> torch.Tensor: ...
 
     def to(self, device: str) -> "Encoder": ...
-
-
-BACKBONES: Registry[Callable[[BackboneConfig], Encoder]] = Registry("backbone")
 
 
 def build_encoder(cfg: BackboneConfig) -> Encoder:
@@ -81,7 +78,7 @@ class PixelEncoder:
         return _l2(x - x.mean(dim=1, keepdim=True))
 
 
-@BACKBONES.register("pixels", "raw down-sampled pixels; no weights (demo, tests)")
+@BACKBONES.register("pixels")
 def build_pixels(cfg: BackboneConfig) -> PixelEncoder:
     if cfg.image_size < 2:
         raise BackboneError(f"backbone.image_size must be >= 2 for the pixels backbone, got {cfg.image_size}")
@@ -161,7 +158,7 @@ def _set_offline() -> None:
         hf_constants.HF_HUB_OFFLINE = True  # read at call time by recent huggingface_hub
 
 
-@BACKBONES.register("open_clip", "any open_clip model: name + pretrained tag, checkpoint file, or local-dir:")
+@BACKBONES.register("open_clip")
 def build_open_clip(cfg: BackboneConfig) -> OpenClipEncoder:
     import open_clip  # open_clip only for its own backbone: it takes seconds to import
 

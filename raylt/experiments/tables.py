@@ -32,13 +32,13 @@ def accuracy_cells(metrics: dict) -> list[str]:
 
 def grouped_bars(rows: dict, path: Path) -> None:
     """Grouped bars: overall, many, medium, few per row (label -> metrics)."""
-    import matplotlib  # on first use: a plot is the last step of a command, and matplotlib is slow to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # on first use: a plot is the last step of a command, and matplotlib is slow to import. A
+    # Figure of its own (no pyplot): no global figure state, no GUI backend, and 0.3 s less.
+    from matplotlib.figure import Figure
 
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4))
+    fig = Figure(figsize=(max(6, 0.9 * len(names)), 4))
+    ax = fig.subplots()
     width = 0.8 / len(COLUMNS)
     for i, k in enumerate(COLUMNS):
         vals = [np.nan if rows[n].get(k) is None else rows[n][k] for n in names]
@@ -49,4 +49,3 @@ def grouped_bars(rows: dict, path: Path) -> None:
     ax.legend(ncol=4, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -7,8 +7,8 @@ distribution each (`SPACES`), from a YAML file or `DEFAULT_SPACE`:
     train.lr: {loguniform: [0.02, 0.5]}
 
 Each trial is the config with the trial's values, fitted in its own Ray Tune trial (one CPU)
-by `LongTailHead` (raylt.head.estimator), the one implementation of the recipe that `raylt
-fit` runs too (post-hoc offsets, temperature and selection included), on embeddings held in
+by `LongTailHead` (raylt.head.estimator): the one recipe (raylt.head.recipe) that `raylt fit`
+runs too (post-hoc offsets, temperature and selection included), on embeddings held in
 the object store once: a trial costs seconds. Trials are scored by the class-balanced accuracy
 (the long-tail metric) of the `val` split, or, without one, of a stratified holdout of the
 train split (`HOLDOUT` of each class with at least `HOLDOUT_MIN` images); ties go to the lower

@@ -46,15 +46,15 @@ def read_metrics(path: Path) -> dict:
 
 def plot_per_class(metrics: dict, path: Path, title: str = "") -> None:
     """Per-class accuracy against train count (log x), one colour per group."""
-    import matplotlib  # on first use: a plot is the last step of a fit, and matplotlib is slow to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # on first use: a plot is the last step of a command, and matplotlib is slow to import. A
+    # Figure of its own (no pyplot): no global figure state, no GUI backend, and 0.3 s less.
+    from matplotlib.figure import Figure
 
     n = np.array(metrics["train_counts"], dtype=float)
     acc = np.array([np.nan if a is None else a for a in metrics["per_class"]])
     groups = group_of(n)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for g, colour in zip(GROUPS, ("tab:blue", "tab:orange", "tab:red")):
         m = (groups == g) & ~np.isnan(acc)
         val = metrics.get(g)
@@ -68,4 +68,3 @@ def plot_per_class(metrics: dict, path: Path, title: str = "") -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

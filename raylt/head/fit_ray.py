@@ -1,10 +1,10 @@
-"""Ray Train adapter of the head stage: each worker runs `LongTailHead`'s `start` and
-`run_epochs` (raylt.head.estimator) on its rows.
+"""Ray Train adapter of the head stage: each worker runs `HeadRecipe`'s `start` and
+`run_epochs` (raylt.head.recipe) on its rows.
 
 Input: a `HeadJob` (built by `head_job` only): the estimator's parameters, its `HeadPlan`, one
 `RowSource` of real train embeddings per worker (raylt.head.rows) and optionally the val
 split's (read and scored by rank 0). Output: the head's state dict, from the last checkpoint;
-the driver turns it into the served head with `LongTailHead.finish`.
+the driver turns it into the served head with `HeadRecipe.finish`.
 
 With `train.num_workers: auto` (the default) a fit on one node runs in Ray Train's local mode,
 in the driver's process, without a worker group to start; more workers, or a multi-node
@@ -12,7 +12,7 @@ cluster, get a real worker group with DDP (raylt.ops.trainer).
 
 Checkpoints (raylt.ops.trainer): rank 0 saves head, optimizer, schedule and epoch every
 epoch; every worker reports each epoch. Re-running with the same output folder resumes from
-the last checkpoint; a checkpoint of a different config (`fit_key`) is refused rather than
+the last checkpoint; a checkpoint of a different config (raylt.preflight's `fit_key`) is refused rather than
 silently continued. Per-epoch metrics go to MLflow from rank 0, into the driver's run.
 """
 
@@ -26,26 +26,21 @@ from pathlib import Path
 
 import torch
 
-from raylt.config import to_dict
-from raylt.head.estimator import HeadPlan, LongTailHead
-from raylt.methods.recipes import METHODS
+from raylt.head.recipe import HeadPlan, HeadRecipe
 from raylt.ops.console import live, worker_line
-from raylt.ops.hashing import json_key
 from raylt.ops.trainer import (RowSource, TrainerRun, load_rows, prepare, quiet_ray, report, resolve_workers, resume,
                                run_trainer, worker_context)
+from raylt.preflight import fit_key
 from raylt.tracking import log_epoch
 
 log = logging.getLogger(__name__)
-# Where and how a fit runs, not what it learns: left out of the checkpoints' key.
-_WHERE = ("output_dir", "cpus_per_worker", "threads_per_worker", "placement_strategy", "max_failures")
-_AFTER = ("posthoc", "posthoc_tau", "calibrate")  # head settings applied after training (LongTailHead.finish)
 
 
 @dataclass(frozen=True)
 class HeadJob:
     """What the driver hands every worker of the head stage."""
 
-    params: dict  # LongTailHead's parameters
+    params: dict  # HeadRecipe's parameters
     plan: HeadPlan  # its Gaussians an object ref for a worker group
     train: tuple[RowSource, ...]  # one per rank
     steps: int | tuple[int, ...]  # real batches per epoch (per selection round), equal on every rank
@@ -55,7 +50,7 @@ class HeadJob:
     progress_every: float  # seconds between progress lines (0: every epoch, for a live bar)
 
 
-def head_job(est: LongTailHead, plan: HeadPlan, train: list[RowSource], steps, val: RowSource | None,
+def head_job(est: HeadRecipe, plan: HeadPlan, train: list[RowSource], steps, val: RowSource | None,
              tracking: dict | None, workers: int) -> HeadJob:
     """The job of `workers` Ray Train workers (0: local mode). A worker group reads the
     Gaussians from the object store, once per node; local mode uses the driver's copy."""
@@ -67,21 +62,6 @@ def head_job(est: LongTailHead, plan: HeadPlan, train: list[RowSource], steps, v
     return HeadJob(est.get_params(), plan, tuple(train), tuple(steps) if isinstance(steps, list) else steps, val,
                    tracking, {n: logging.getLogger(n).getEffectiveLevel() for n in ("ray.train", "ray.data")},
                    0.0 if live() else 5.0)
-
-
-def fit_key(cfg) -> str:
-    """What a checkpoint must agree with to be resumed: everything that shapes training, the
-    world size included (local mode and one worker train alike)."""
-    keep = {k: to_dict(cfg)[k] for k in ("seed", "stats", "sampler", "selection", "adapter", "auxiliary", "head",
-                                         "train")}
-    keep["train"] = {k: v for k, v in keep["train"].items() if k not in _WHERE}
-    keep["train"]["num_workers"] = max(workers_of(cfg), 1)
-    keep["head"] = {k: v for k, v in keep["head"].items() if k not in _AFTER}
-    # Settings of a method that is off do not shape training: changing them keeps checkpoints.
-    for method, on in METHODS.items():
-        if not on(cfg):
-            del keep[method]
-    return json_key(keep)
 
 
 def _evaluate_val(head, val: tuple[torch.Tensor, torch.Tensor], num_targets: int) -> float:
@@ -100,7 +80,7 @@ def train_loop(job: HeadJob, run: TrainerRun) -> None:
 
     quiet_ray(job.log_levels)
     rank, world, device = worker_context(run)
-    est = LongTailHead(**job.params)
+    est = HeadRecipe(**job.params)
     g = job.plan.gaussians
     training = est.start(job.plan, device, gaussians=ray.get(g) if isinstance(g, ray.ObjectRef) else g)
     stepped, plain = prepare(training.module, run, device)

@@ -4,7 +4,7 @@ Input: an iterator of real (embeddings [B, D], labels [B]) batches, this worker'
 labels for the epoch and a sampler. Each real batch is joined by the next slice of synthetic
 labels, drawn on the spot, so synthetic embeddings are spread evenly over the epoch and
 never materialised; whatever is left after the last real batch forms synthetic-only batches.
-`LongTailHead` (raylt.head.estimator) drives it, in this process or in each Ray Train worker
+`HeadRecipe` (raylt.head.recipe) drives it, in this process or in each Ray Train worker
 (raylt.head.fit_ray) over the rows that worker read once (a `RowSource`).
 """
 

@@ -21,10 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raylt.registry import Registry
-
-HEADS: Registry["HeadSpec"] = Registry("head")
-LOSSES: Registry[Callable[..., Callable]] = Registry("loss")
+from raylt.choices import HEADS, LOSSES  # declared there: names, help, this module
 
 
 class WhitenedLinear(nn.Module):
@@ -69,11 +66,10 @@ class HeadSpec:
     whitened: bool = False  # trains on whitened embeddings: needs a raylt.head.whiten.Whitening
 
 
-HEADS.register("linear", "affine layer W x + b")(HeadSpec(lambda dim, c, scale, whiten: nn.Linear(dim, c)))
-HEADS.register("whitened", "affine layer trained on embeddings whitened by the pooled within-class covariance, "
-                           "saved as W x + b (default: bench/head_fit.py)")(
+HEADS.register("linear")(HeadSpec(lambda dim, c, scale, whiten: nn.Linear(dim, c)))
+HEADS.register("whitened")(
     HeadSpec(lambda dim, c, scale, whiten: WhitenedLinear(dim, c, whiten), whitened=True))
-HEADS.register("cosine", "cosine similarity to class weights times head.scale")(
+HEADS.register("cosine")(
     HeadSpec(lambda dim, c, scale, whiten: CosineHead(dim, c, scale)))
 
 
@@ -106,12 +102,12 @@ def _log_prior(counts: np.ndarray) -> torch.Tensor:
     return (c / c.sum()).log().float()
 
 
-@LOSSES.register("ce", "cross-entropy")
+@LOSSES.register("ce")
 def ce_loss(counts: np.ndarray, tau: float) -> Callable:
     return nn.functional.cross_entropy
 
 
-@LOSSES.register("logit_adjusted", "cross-entropy on logits + tau log prior (Menon et al. 2021)")
+@LOSSES.register("logit_adjusted")
 def logit_adjusted_loss(counts: np.ndarray, tau: float) -> Callable:
     shift = tau * _log_prior(counts)
 
@@ -121,7 +117,7 @@ def logit_adjusted_loss(counts: np.ndarray, tau: float) -> Callable:
     return loss
 
 
-@LOSSES.register("balanced_softmax", "cross-entropy on logits + log class count (Ren et al. 2020)")
+@LOSSES.register("balanced_softmax")
 def balanced_softmax_loss(counts: np.ndarray, tau: float) -> Callable:
     return logit_adjusted_loss(counts, 1.0)
 

@@ -13,17 +13,15 @@ f(n) = -log(n / N), the post-hoc logit adjustment of Menon et al. (ICLR 2021).
 
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 
-from raylt.registry import Registry
+from raylt.choices import ADJUSTMENTS  # declared there: names, help, this module
 
-ADJUSTMENTS: Registry[Callable[[np.ndarray], np.ndarray] | None] = Registry("post-hoc adjustment")
-ADJUSTMENTS.register("none", "the head's own logits")(None)
-ADJUSTMENTS.register("count", "bias + tau / n_c: the margin a mean of n_c images loses (default)")(
+ADJUSTMENTS.register("none")(None)
+ADJUSTMENTS.register("count")(
     lambda n: 1.0 / np.maximum(n, 1))
-ADJUSTMENTS.register("prior", "bias - tau log(n_c / N): post-hoc logit adjustment (Menon et al. 2021)")(
+ADJUSTMENTS.register("prior")(
     lambda n: -np.log(np.maximum(n, 1) / max(float(np.sum(n)), 1.0)))
 
 _BLOCK = 4096  # rows at a time

@@ -20,19 +20,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from raylt.choices import SAMPLERS  # declared there: names, help, this module
 from raylt.latent.calibrate import Gaussians, calibrated_gaussians, free_lunch_gaussians
 from raylt.latent.transforms import TRANSFORMS
-from raylt.registry import Registry
-
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
     transform: str | None  # space of the statistics it needs; None: needs none
     build: Callable[..., Gaussians | None]  # (moments, sampler config) -> Gaussians
-
-
-SAMPLERS: Registry[SamplerSpec] = Registry("sampler")
 
 
 def _gaussian(m, cfg) -> Gaussians:
@@ -43,11 +39,11 @@ def _free_lunch(m, cfg) -> Gaussians:
     return free_lunch_gaussians(m, base_min=cfg.base_min, neighbours=cfg.neighbours, alpha=cfg.eps)
 
 
-SAMPLERS.register("none", "real embeddings only")(SamplerSpec(None, lambda m, cfg: None))
-SAMPLERS.register("gaussian", "calibrated class Gaussians, shrunk toward nearest classes (default)")(
+SAMPLERS.register("none")(SamplerSpec(None, lambda m, cfg: None))
+SAMPLERS.register("gaussian")(
     SamplerSpec("identity", _gaussian)
 )
-SAMPLERS.register("free_lunch", "Tukey-transformed, nearest base-class statistics (Yang et al. 2021)")(
+SAMPLERS.register("free_lunch")(
     SamplerSpec("tukey", _free_lunch)
 )
 

@@ -1,5 +1,6 @@
 """Ray adapter of the class statistics: a task per group of embedding files, a tree of
-merges, and the `class_stats-*.npz` cache a fit reuses.
+merges, and the `class_stats-*.npz` cache a fit reuses. Without a Ray cluster, a small input
+is reduced in this process over the same tree (`IN_PROCESS_BYTES`).
 
 Input: the Parquet files of an `EmbeddingSet` (on shared storage on a cluster: the tasks read
 them, a group of files per CPU). Output: `ClassMoments` of one split (raylt.latent.stats), and
@@ -26,9 +27,15 @@ from raylt.latent.blocks import BlockCache
 from raylt.latent.stats import (DAMAGED, ClassMoments, block_tree, class_moments, fold_right, load_moments, merge,
                                  save_moments, tree_reduce)
 from raylt.latent.transforms import TRANSFORMS
-from raylt.ops.cluster import cluster_cpus
+from raylt.config import RayConfig
+from raylt.ops.cluster import cluster_cpus, init_ray
 
 log = logging.getLogger(__name__)
+
+# Embedding files up to this size are reduced in this process when no Ray is running: about
+# 3 s at 2 cores (0.6 GB/s measured, `bench/class_stats.py`), which is what starting a local
+# Ray takes before its first task (and stopping it takes again at exit).
+IN_PROCESS_BYTES = 512 * 2**20
 
 
 def _shard_moments(path: str, split: str, num_classes: int, rank: int, transform=None) -> ClassMoments:
@@ -53,7 +60,7 @@ def group_size(n: int, tasks: int) -> int:
 
 
 def reduce_moments(files: list[str], num_classes: int, rank: int = 16, split: str = "train", transform=None,
-                   blocks: BlockCache | None = None) -> ClassMoments:
+                   blocks: BlockCache | None = None, in_process: bool | None = None) -> ClassMoments:
     """Moments of one split of Parquet embedding files: one Ray task per aligned group of files
     (about one group per CPU of the cluster), each merging its files as it reads them, then the
     tree of merges over the groups (`block_tree`).
@@ -68,13 +75,16 @@ def reduce_moments(files: list[str], num_classes: int, rank: int = 16, split: st
     task's process exits after it (`max_calls=1`), so its gigabytes of private memory do not
     stay in an idle worker while the head trains. `transform` (a picklable function of [N, D]
     arrays) maps embeddings first. The files are read by the tasks, so on a cluster they must be
-    on shared storage.
+    on shared storage. `in_process` (default: when no Ray is running) forms the same tree in
+    this process instead.
     """
+    files = list(files)
+    if in_process if in_process is not None else not ray.is_initialized():
+        return _reduce_here(files, num_classes, rank, split, transform, blocks)
     # SPREAD: the shard reads are I/O on shared storage, so every node takes its share
     # instead of the driver's node filling up first.
     group_task = ray.remote(max_calls=1)(_files_moments).options(scheduling_strategy="SPREAD")
     merge_task = ray.remote(max_calls=1)(merge)
-    files = list(files)
 
     def kept(lo: int, hi: int):
         m = blocks.load(lo, hi)
@@ -88,6 +98,22 @@ def reduce_moments(files: list[str], num_classes: int, rank: int = 16, split: st
         if blocks is not None and not was_kept and blocks.keeps(lo, hi):
             blocks.save(lo, hi, ray.get(ref))
     return ray.get(total)
+
+
+def _reduce_here(files: list[str], num_classes: int, rank: int, split: str, transform,
+                 blocks: BlockCache | None) -> ClassMoments:
+    """`reduce_moments` in this process, over the same tree of merges (so the same moments):
+    the files in one group, kept blocks loaded instead of read."""
+    def join(a, b):
+        return merge(a, b, into_a=True)  # a is a subtree's fresh total, held by nothing else
+
+    parts = block_tree(len(files), lambda lo, hi: _files_moments(files[lo:hi], split, num_classes, rank, transform),
+                       join, len(files), blocks.load if blocks is not None else None,
+                       blocks.present() if blocks is not None else frozenset())
+    for lo, hi, m, was_kept in parts:  # kept before the fold below merges into them
+        if blocks is not None and not was_kept and blocks.keeps(lo, hi):
+            blocks.save(lo, hi, m)
+    return fold_right([m for _, _, m, _ in parts], join)
 
 
 def reduce_store(store_path, num_classes: int, rank: int = 16, split: str = "train") -> ClassMoments:
@@ -117,10 +143,12 @@ def store_blocks(es: EmbeddingSet, rank: int, transform: str) -> BlockCache | No
                       es.class_names, last_final=int(man["num_rows"]) % int(man["inputs"]["shard_size"]) == 0)
 
 
-def class_stats(es: EmbeddingSet, rank: int, transform: str, cache_dir: Path) -> tuple[ClassMoments, Path]:
+def class_stats(es: EmbeddingSet, rank: int, transform: str, cache_dir: Path,
+                ray_cfg: RayConfig | None = None) -> tuple[ClassMoments, Path]:
     """Moments of the train split (Ray reduce), cached as `class_stats-*.npz` per input; the
     moments and their file. A store's blocks of files already reduced, by it or by a store of
-    the same root whose data it extends, are loaded instead of read (`store_blocks`)."""
+    the same root whose data it extends, are loaded instead of read (`store_blocks`). Ray is
+    started (`ray_cfg`) only when none runs and the files are larger than `IN_PROCESS_BYTES`."""
     path = cache_dir / f"class_stats-{transform}-r{rank}-{files_key(es)}.npz"
     if path.is_file():
         try:
@@ -130,6 +158,8 @@ def class_stats(es: EmbeddingSet, rank: int, transform: str, cache_dir: Path) ->
         except DAMAGED as e:  # a cut-short or altered file
             log.warning("class statistics %s are damaged (%s: %s): computed again", path, type(e).__name__, e)
     t0 = time.perf_counter()
+    if not ray.is_initialized() and sum(os.path.getsize(f) for f in es.files) > IN_PROCESS_BYTES:
+        init_ray(ray_cfg or RayConfig())
     fwd = TRANSFORMS[transform][0] if transform != "identity" else None
     blocks = store_blocks(es, rank, transform)
     m = reduce_moments(list(es.files), es.num_classes, rank, "train", fwd, blocks)

@@ -30,12 +30,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from raylt.choices import MATCHERS  # declared there: names, help, this module
 from raylt.embed.backbones import text_embeddings
 from raylt.errors import ConfigError
 from raylt.latent.stats import class_sums
-from raylt.registry import Registry
-
-MATCHERS: Registry[Callable[..., np.ndarray]] = Registry("auxiliary matcher")
 
 
 @dataclass(frozen=True)
@@ -53,12 +51,12 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # A matcher maps classes (names, mean embeddings) to vectors whose cosine is their similarity.
-@MATCHERS.register("text", "cosine of CLIP text embeddings of the class names (the backbone's text tower)")
+@MATCHERS.register("text")
 def match_text(names, means, backbone) -> np.ndarray:
     return text_embeddings(backbone, list(names), purpose="auxiliary.match=text (or use auxiliary.match=mean)")
 
 
-@MATCHERS.register("mean", "cosine of the classes' mean image embeddings (no text tower needed)")
+@MATCHERS.register("mean")
 def match_mean(names, means, backbone) -> np.ndarray:
     return means
 

@@ -26,19 +26,17 @@ as `adapter.npz` and its numpy forward are in raylt.methods.bns_artifact.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from raylt.choices import ADAPTERS, BATCHES  # declared there: names, help, this module
 from raylt.ops.optim import adamw_cosine, epoch_generator
-from raylt.registry import Registry
 
-ADAPTERS: Registry[str] = Registry("adapter")
-ADAPTERS.register("none", "the frozen embeddings as they are")("none")
-ADAPTERS.register("bns", "residual MLP, balanced-negative contrastive loss (arXiv 2510.08836)")("bns")
+ADAPTERS.register("none")("none")
+ADAPTERS.register("bns")("bns")
 
 
 class ResidualAdapter(nn.Module):
@@ -94,10 +92,7 @@ def bns_loss(z1: torch.Tensor, z2: torch.Tensor, y: torch.Tensor, temperature: f
     return per_anchor.mean() if reduce else per_anchor
 
 
-BATCHES: Registry[Callable[..., list[torch.Tensor]]] = Registry("adapter batch sampler")
-
-
-@BATCHES.register("instance", "rows drawn as they come (one pass per epoch); negatives balanced in the loss")
+@BATCHES.register("instance")
 def instance_batches(y: np.ndarray, batch_size: int, per_class: int, steps: int,
                      gen: torch.Generator) -> list[torch.Tensor]:
     order = torch.randperm(len(y), generator=gen)
@@ -106,7 +101,7 @@ def instance_batches(y: np.ndarray, batch_size: int, per_class: int, steps: int,
     return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
 
 
-@BATCHES.register("balanced", "classes drawn uniformly, per_class rows each (tail rows repeat often)")
+@BATCHES.register("balanced")
 def balanced_batches(y: np.ndarray, batch_size: int, per_class: int, steps: int,
                      gen: torch.Generator) -> list[torch.Tensor]:
     """`steps` batches of row indices: batch_size / per_class classes drawn uniformly without

@@ -30,6 +30,7 @@ from raylt.embed.inputs import EmbeddingSet, open_embeddings, table_arrays
 from raylt.embed.store import embedding_table
 from raylt.methods.bns import ResidualAdapter, adapter_epoch, adapter_optimizer, adapter_params, adapter_steps
 from raylt.methods.bns_artifact import adapter_numpy, load_adapter, save_adapter
+from raylt.ops.cluster import init_ray
 from raylt.ops.hashing import json_key
 from raylt.ops.optim import epoch_generator
 from raylt.ops.trainer import (RowSource, TrainerRun, load_rows, prepare, report, resolve_workers, resume,
@@ -93,6 +94,7 @@ def adapt(cfg, es: EmbeddingSet, es_key: str, out: Path, tracking: dict | None) 
     module = ResidualAdapter(es.dim, cfg.adapter.hidden)
     module.load_state_dict(state["model"])
     params = adapter_params(module)
+    init_ray(cfg.ray)  # the adapted embeddings are written by Ray Data
     _write_adapted(es, params, folder)
     save_adapter(params, done)  # written last: marks the folder complete
     log.info("adapter (%s) trained and applied in %.1f s -> %s", cfg.adapter.name, time.perf_counter() - t0, folder)

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
+from raylt.choices import SELECTORS  # declared there: names, help, this module
 from raylt.errors import ConfigError, RayltError
 from raylt.latent.stats import class_sums
-from raylt.registry import Registry
-
-SELECTORS: Registry[Callable[..., np.ndarray]] = Registry("selector")
 
 
 def greedy_map(features: np.ndarray, k: int, eps: float = 1e-10) -> np.ndarray:
@@ -73,19 +70,19 @@ def informativeness(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int =
     return q
 
 
-@SELECTORS.register("none", "keep every real embedding")
+@SELECTORS.register("none")
 def select_none(x: np.ndarray, y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return np.arange(len(y))
 
 
-@SELECTORS.register("random_cap", "at most k uniformly random embeddings per class (the control)")
+@SELECTORS.register("random_cap")
 def select_random_cap(x: np.ndarray, y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     keep = [idx if len(idx) <= k else rng.choice(idx, k, replace=False) for idx in _by_class(y)]
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
-@SELECTORS.register("ip_dpp", "at most k per class by a quality-weighted DPP, greedy MAP (arXiv 2510.08836)")
+@SELECTORS.register("ip_dpp")
 def select_ip_dpp(x: np.ndarray, y: np.ndarray, k: int, seed: int = 0, floor: float = 0.05) -> np.ndarray:
     """Classes above k are reduced to the DPP's greedy MAP subset; `floor` keeps easy
     examples selectable (q = 0 would remove them from the kernel entirely)."""

@@ -37,6 +37,16 @@ def init_ray(cfg: RayConfig) -> None:
     route_worker_logs()
 
 
+def join_cluster(cfg: RayConfig, workers) -> None:
+    """Ray for a fit, started only where a stage needs it: a cluster to join (`ray.address` or
+    RAY_ADDRESS) or a Ray Train worker group (`train.num_workers` above 0). A fit on one machine
+    runs Ray Train's local mode, and its stages start a local Ray themselves when their input
+    is large (class statistics) or they run Ray Data (the adapter's writes): starting one
+    costs about 3 s, and stopping it as much again at exit."""
+    if cfg.address or os.environ.get("RAY_ADDRESS") or (workers != "auto" and int(workers) > 0):
+        init_ray(cfg)
+
+
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 

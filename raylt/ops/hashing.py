@@ -1,7 +1,7 @@
 """Hashes raylt keys things by: a file's SHA-256, and a short key of a JSON-able value.
 
 `json_key` names the embedding store's folder (its fingerprint), the checkpoints a fit may
-resume (`fit_key`) and the adapted embeddings it may reuse (`adapter_key`): the same value
+resume (raylt.preflight's `fit_key`) and the adapted embeddings it may reuse (`adapter_key`): the same value
 always gives the same key, whatever the order of its dictionaries.
 """
 

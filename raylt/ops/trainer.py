@@ -32,6 +32,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 
 from raylt.embed.inputs import read_rows  # noqa: E402
 from raylt.errors import RayltError  # noqa: E402
+from raylt.ops.checkpoints import KEY_FILE, newest_checkpoint, refuse_other_config  # noqa: E402
 from raylt.ops.cluster import worker_threads  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,15 @@ def report(module, opt, sched, epoch: int, metrics: dict, rank: int, run: Traine
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(_save_local(state, run, epoch)))
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / "state.pt")
+        _write(state, Path(d))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _write(state: dict, folder: Path) -> None:
+    """A checkpoint's files: the state, and its config key where a command reads it without
+    torch (raylt.ops.checkpoints)."""
+    torch.save(state, folder / "state.pt")
+    (folder / KEY_FILE).write_text(state["key"] + "\n")
 
 
 def _save_local(state: dict, run: TrainerRun, epoch: int) -> str:
@@ -174,7 +182,7 @@ def _save_local(state: dict, run: TrainerRun, epoch: int) -> str:
     tmp = root / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)  # a copy left by a killed run: ours, never a user's
     tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
+    _write(state, tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("checkpoint_local_*"))[:-_KEEP]:
@@ -184,10 +192,10 @@ def _save_local(state: dict, run: TrainerRun, epoch: int) -> str:
 
 def newest_state(run_dir: Path) -> dict | None:
     """The state of the newest checkpoint of an earlier run in this folder, if any."""
-    states = sorted(run_dir.glob("checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
-    if not states:
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
         return None
-    return torch.load(states[-1], map_location="cpu", weights_only=True)
+    return torch.load(newest / "state.pt", map_location="cpu", weights_only=True)
 
 
 def resolve_workers(num_workers) -> int:
@@ -252,11 +260,8 @@ def run_trainer(loop, job, train_cfg, storage: Path, name: str, key: str, epochs
     starts, and a run whose checkpoint has all `epochs` is not started again (Ray Train's
     controller and worker group would take 15-20 s to hand back that checkpoint)."""
     run_dir = storage / name
+    refuse_other_config(run_dir, key, storage)
     previous = newest_state(run_dir)
-    if previous is not None and previous["key"] != key:
-        raise RayltError(
-            f"{storage} holds checkpoints of a different config; pass another `name` (or --out) to start a new run"
-        )
     if previous is not None and int(previous["epoch"]) + 1 >= epochs:
         log.info("%s: all %d epochs were trained earlier in %s; its last checkpoint is used", name, epochs, run_dir)
         return previous

@@ -69,7 +69,12 @@ def test_a_grown_stores_class_statistics_reuse_the_old_blocks_and_equal_a_full_r
             caplog.clear()
             moments, _ = class_stats(es, 2, "identity", tmp_path / "fit" / store.name)
         # The same files reduced from scratch, nothing kept: the reference.
-        return es, moments, reduce_moments(list(es.files), es.num_classes, 2)
+        whole = reduce_moments(list(es.files), es.num_classes, 2)
+        # Without Ray (a small fit on one machine), from scratch and from the kept blocks: the same tree.
+        assert same(reduce_moments(list(es.files), es.num_classes, 2, in_process=True), whole)
+        here = reduce_moments(list(es.files), es.num_classes, 2, blocks=store_blocks(es, 2, "identity"), in_process=True)
+        assert same(here, whole)
+        return es, moments, whole
 
     def same(a, b):
         return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("counts", "means", "pooled", "roots", "traces"))

@@ -7,7 +7,8 @@ from sklearn.base import clone
 
 from raylt.config import load_config
 from raylt.errors import ConfigError
-from raylt.head.estimator import PARAMS, LongTailHead
+from raylt.head.estimator import LongTailHead
+from raylt.head.recipe import PARAMS, HeadRecipe
 from raylt.testing.simulate import clip_like
 
 # scikit-learn's generic checks feed rows of any norm: the sampler is defined on the unit
@@ -74,6 +75,9 @@ def test_params_are_the_config_keys_both_ways():
     assert (est.target, est.lr, est.loss, est.seed, est.selection_k) == (300, 0.05, "ce", 7, 9)
     assert est.config(cfg) == cfg
     assert set(est.get_params()) == set(PARAMS) | {"device"}
+    # The pipeline's recipe (no scikit-learn) is built from and gives the same parameters.
+    recipe = HeadRecipe.from_config(cfg)
+    assert recipe.get_params() == est.get_params() and HeadRecipe(**est.get_params()).config(cfg) == cfg
     twin = clone(est).set_params(target=50)
     assert twin.target == 50 and est.target == 300
 

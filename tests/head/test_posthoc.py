@@ -55,8 +55,13 @@ def test_count_offsets_chosen_on_val_lift_the_tail_of_a_shared_covariance_head()
 
 def test_post_hoc_settings_keep_a_run_s_checkpoints_and_training_settings_do_not():
     from raylt.config import load_config
-    from raylt.head.fit_ray import fit_key
+    from raylt.preflight import fit_key
 
     base = fit_key(load_config(None, []))
     assert fit_key(load_config(None, ["head.posthoc=prior", "head.posthoc_tau=4"])) == base  # applied after training
     assert fit_key(load_config(None, ["head.tau=0.5"])) != base
+    # Local mode (`auto` on one node) and a one-worker group train alike and resume each other's
+    # checkpoints; two workers train another head.
+    one, local = (fit_key(load_config(None, [f"train.num_workers={n}"])) for n in (1, 0))
+    assert one == base == local
+    assert fit_key(load_config(None, ["train.num_workers=2"])) != base

@@ -1,0 +1,230 @@
+"""The head's recipe, `HeadRecipe`: its parameters and its pieces (pure core: arrays in, no Ray,
+no files, no MLflow, no scikit-learn).
+
+The recipe: class statistics of the train embeddings -> calibrated class Gaussians (the
+sampler, raylt.latent.sampling) and the whitening (raylt.head.whiten) -> the head trained on
+real rows mixed with fresh synthetic rows every epoch, with the long-tail loss
+(raylt.head.loop, raylt.head.modules) -> post-hoc offsets tau f(n_c) chosen on the val rows
+(raylt.head.posthoc) -> a temperature fitted on them (raylt.head.calibration). The result is a
+`HeadArtifact`: what `head.npz` holds and the logged model serves.
+
+It is the one implementation of the recipe. `raylt.LongTailHead` (raylt.head.estimator) is
+this recipe as a scikit-learn estimator, whose `fit` runs the pieces in this process; the Ray
+Train adapter (raylt.head.fit_ray) runs them apart: `plan` on the driver from the distributed
+class statistics, `start` and `run_epochs` in each worker, `finish` on the driver. The
+pipeline and its workers use this class, which does not import scikit-learn (0.7 s of a
+seconds-long fit).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from raylt.config import RayltConfig, override
+from raylt.config.schema import HeadConfig, SamplerConfig, SelectionConfig, StatsConfig, TrainConfig
+from raylt.head.artifact import HeadArtifact
+from raylt.head.calibration import fit_temperature, mean_nll
+from raylt.head.posthoc import balanced_accuracy, choose_tau, offsets
+
+log = logging.getLogger(__name__)
+
+# Estimator parameter -> the config key it is (one name space: scikit-learn's get_params is flat).
+PARAMS: dict[str, str] = {
+    "sampler": "sampler.name", "target": "sampler.target", "kappa": "sampler.kappa",
+    "neighbours": "sampler.neighbours", "eps": "sampler.eps", "base_min": "sampler.base_min",
+    "rank": "stats.rank",
+    "selection": "selection.name", "selection_k": "selection.k", "selection_every": "selection.every",
+    "head": "head.name", "whiten_ridge": "head.whiten_ridge", "scale": "head.scale", "loss": "head.loss",
+    "tau": "head.tau", "posthoc": "head.posthoc", "posthoc_tau": "head.posthoc_tau", "calibrate": "head.calibrate",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+    "weight_decay": "train.weight_decay", "precision": "train.precision",
+    "seed": "seed",
+}
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """What training needs besides the rows, fixed before the first epoch (the driver builds it
+    once and every worker gets it): the head's classes, the real rows per class and epoch, the
+    synthetic budget, the calibrated Gaussians, the whitening and optional initial weights."""
+
+    dim: int
+    num_targets: int  # the first classes are targets; the rest are auxiliary (training only)
+    data_counts: np.ndarray  # [num_targets] real train rows per target class: the n_c of the offsets
+    real_counts: np.ndarray  # [num_classes] real rows per class and epoch (selection round 0)
+    syn_counts: np.ndarray  # [num_classes] synthetic rows per class and epoch
+    gaussians: object = None  # raylt.latent.calibrate.Gaussians (or an object ref of them), None: no sampler
+    whiten: object = None  # raylt.head.whiten.Whitening of a whitened head
+    init: np.ndarray | None = None  # [num_classes, D] initial weights (text embeddings of the names)
+    neighbours: np.ndarray | None = None  # [num_classes, num_classes] bool: auxiliary classes' silencing mask
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.real_counts)
+
+
+@dataclass
+class Training:
+    """The torch objects of one fit in progress (made by `LongTailHead.start`)."""
+
+    module: object
+    loss: object
+    opt: object
+    sched: object
+    sampler: object
+
+
+class HeadRecipe:
+    """The recipe of a linear (or cosine) head for long-tailed classes of L2-normalised
+    embeddings, as its pieces.
+
+    Parameters are the recipe's config keys (`PARAMS`; `raylt config --reference` explains
+    each); the defaults are raylt's default recipe. `device`: the torch device of training.
+    """
+
+    def __init__(self, sampler: str = SamplerConfig.name, target: int = SamplerConfig.target,
+                 kappa: float = SamplerConfig.kappa, neighbours: int = SamplerConfig.neighbours,
+                 eps: float = SamplerConfig.eps, base_min: int = SamplerConfig.base_min,
+                 rank: int = StatsConfig.rank, selection: str = SelectionConfig.name,
+                 selection_k: int = SelectionConfig.k, selection_every: int = SelectionConfig.every,
+                 head: str = HeadConfig.name, whiten_ridge: float = HeadConfig.whiten_ridge,
+                 scale: float = HeadConfig.scale, loss: str = HeadConfig.loss, tau: float = HeadConfig.tau,
+                 posthoc: str = HeadConfig.posthoc, posthoc_tau: float | None = HeadConfig.posthoc_tau,
+                 calibrate: bool = HeadConfig.calibrate, epochs: int = TrainConfig.epochs,
+                 batch_size: int = TrainConfig.batch_size, lr: float = TrainConfig.lr,
+                 weight_decay: float = TrainConfig.weight_decay, precision: str = TrainConfig.precision,
+                 seed: int = 0, device: str = "cpu"):
+        self.sampler, self.target, self.kappa, self.neighbours = sampler, target, kappa, neighbours
+        self.eps, self.base_min, self.rank = eps, base_min, rank
+        self.selection, self.selection_k, self.selection_every = selection, selection_k, selection_every
+        self.head, self.whiten_ridge, self.scale, self.loss, self.tau = head, whiten_ridge, scale, loss, tau
+        self.posthoc, self.posthoc_tau, self.calibrate = posthoc, posthoc_tau, calibrate
+        self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
+        self.precision, self.seed, self.device = precision, seed, device
+
+    # -- configuration ---------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: RayltConfig, device: str = "cpu"):
+        """The estimator of a config's recipe (its sampler, stats, selection, head and train sections)."""
+        def value(key: str):
+            section, _, field = key.rpartition(".")
+            return getattr(getattr(cfg, section) if section else cfg, field)
+
+        return cls(**{p: value(k) for p, k in PARAMS.items()}, device=device)
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The parameters, as scikit-learn's `get_params` gives them (what a worker is built from)."""
+        return {**{p: getattr(self, p) for p in PARAMS}, "device": self.device}
+
+    def config(self, base: RayltConfig | None = None) -> RayltConfig:
+        """`base` (default: the defaults) with this estimator's parameters, validated like a
+        config file: a bad value is a one-line ConfigError naming the parameter's key."""
+        return override(base or RayltConfig(), {k: getattr(self, p) for p, k in PARAMS.items()},
+                        "LongTailHead's parameters")
+
+    # -- the recipe's pieces ---------------------------------------------------------------
+    def statistics(self, cfg: RayltConfig | None = None) -> list[str]:
+        """The feature transforms whose class moments `plan` needs (the sampler's space, and
+        the raw space for a whitened head), in a fixed order."""
+        from raylt.head.modules import HEADS
+        from raylt.latent.sampling import SAMPLERS
+
+        cfg = cfg or self.config()
+        wanted = [SAMPLERS.get(cfg.sampler.name).transform, "identity" if HEADS.get(cfg.head.name).whitened else None]
+        return [t for t in dict.fromkeys(wanted) if t]
+
+    def plan(self, moments: Mapping, data_counts: np.ndarray, dim: int, real_counts: np.ndarray | None = None,
+             init: np.ndarray | None = None, neighbours: np.ndarray | None = None) -> HeadPlan:
+        """The plan of a fit from the class moments (`statistics()` transform -> ClassMoments
+        of the train rows), the real train rows per target class, the embeddings' dimension,
+        and optionally the real rows
+        per class and epoch (auxiliary classes appended, selection applied; default
+        `data_counts`), initial weights and the auxiliary silencing mask."""
+        from raylt.head.whiten import head_whitening
+        from raylt.latent.sampling import SAMPLERS, synthetic_counts
+
+        cfg = self.config()
+        spec = SAMPLERS.get(cfg.sampler.name)
+        data_counts = np.asarray(data_counts, np.int64)
+        real = data_counts if real_counts is None else np.asarray(real_counts, np.int64)
+        gaussians = spec.build(moments[spec.transform], cfg.sampler) if spec.transform else None
+        whiten = head_whitening(cfg.head, moments["identity"]) if "identity" in moments else None
+        c = len(data_counts)
+        syn = np.zeros(len(real), np.int64)
+        if gaussians is not None:
+            syn[:c] = synthetic_counts(real[:c], cfg.sampler.target, gaussians.valid)
+        return HeadPlan(dim, c, data_counts, real, syn, gaussians, whiten, init, neighbours)
+
+    def start(self, plan: HeadPlan, device="cpu", gaussians=None) -> Training:
+        """A new head (the same on every rank: seeded), its loss, optimiser, schedule and
+        sampler on `device`; `gaussians` replaces the plan's (a worker's copy of them)."""
+        import torch
+
+        from raylt.head.loop import make_optimizer
+        from raylt.head.modules import build_head, build_loss
+        from raylt.latent.sampling import GaussianSampler
+        from raylt.methods.auxiliary import silenced, silencing_mask
+
+        cfg = self.config()
+        torch.manual_seed(cfg.seed)
+        module = build_head(cfg.head.name, plan.dim, plan.num_classes, cfg.head.scale, plan.init, plan.whiten).to(device)
+        loss = build_loss(cfg.head.loss, plan.real_counts + plan.syn_counts, cfg.head.tau)
+        if plan.neighbours is not None:  # auxiliary classes: the neighbour-silencing loss
+            loss = silenced(loss, silencing_mask(np.asarray(plan.neighbours, bool)))
+        opt, sched = make_optimizer(module, cfg.train)
+        g = plan.gaussians if gaussians is None else gaussians
+        sampler = GaussianSampler(g, device) if g is not None else None
+        return Training(module, loss, opt, sched, sampler)
+
+    def run_epochs(self, training: Training, plan: HeadPlan, x, y, epochs: range, rank: int = 0, world: int = 1,
+                   steps=None, keep=None, module=None) -> Iterator:
+        """(epoch, EpochStats) after each of `epochs` over this rank's real rows (x, y tensors;
+        `keep`: selection bits); `module` the wrapped head a worker steps (DDP), default the plain one."""
+        from raylt.head.loop import train_epochs
+
+        cfg = self.config()
+        return train_epochs(module or training.module, training.loss, training.opt, training.sched, x, y,
+                            training.sampler, plan.syn_counts, cfg.seed, cfg.train, epochs, rank, world, steps, keep,
+                            cfg.selection.every)
+
+    def finish(self, state: dict, plan: HeadPlan, val=None, adapter: dict | None = None,
+               no_val: str = "off: no val rows") -> tuple[HeadArtifact, dict]:
+        """(the served head, what was chosen) from the trained head's state dict: its target
+        rows, then the post-hoc offsets and the temperature chosen on `val` = (embeddings,
+        labels), or switched off for the reason `no_val` when `val` is None."""
+        cfg = self.config()
+        art = HeadArtifact.from_state(state, cfg.head.name, cfg.head.scale, plan.num_targets, adapter)
+        info: dict = {}
+        z = art.logits(val[0]) if val is not None else None
+        f = offsets(cfg.head.posthoc, plan.data_counts)
+        if f is not None:
+            tau, source = cfg.head.posthoc_tau, "config"
+            if tau is None and val is None:
+                tau, source = 0.0, no_val
+                log.info("post-hoc %s offsets off: no val split to choose tau on apart from the evaluation split; "
+                         "set head.posthoc_tau, or add a val split", cfg.head.posthoc)
+            elif tau is None:
+                tau, scores = choose_tau(z, val[1], f)
+                source = "val"
+                log.info("post-hoc %s offsets: tau %g on the val split (balanced top-1 %.4f, %.4f without)",
+                         cfg.head.posthoc, tau, scores[tau], scores[0.0])
+            art = art.add_to_bias(tau * f)
+            z = z + tau * f if z is not None else None
+            info.update(posthoc=cfg.head.posthoc, posthoc_tau=float(tau), posthoc_from=source)
+        if cfg.head.calibrate:
+            if val is None:
+                log.info("temperature off: no val split to fit it on apart from the evaluation split")
+                info.update(temperature=1.0, temperature_from=no_val)
+            else:
+                t = fit_temperature(z, val[1])
+                art, z = art.divide_logits(t), z / t
+                log.info("temperature %.3f fitted on the val split", t)
+                info.update(temperature=t, temperature_from="val")
+        if val is not None and len(val[1]):
+            info.update(val_balanced=balanced_accuracy(z.argmax(1), val[1], plan.num_targets),
+                        val_top1=float((z.argmax(1) == val[1]).mean()), val_nll=mean_nll(z, val[1], 1.0))
+        return art, info
