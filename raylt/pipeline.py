@@ -28,9 +28,9 @@ from raylt.embed.inputs import EmbeddingSet, eval_split, open_embeddings, read_s
 from raylt.embed.stage import run_embed
 from raylt.head.artifact import HeadArtifact
 from raylt.head.calibration import expected_calibration_error
-from raylt.head.recipe import HeadRecipe
 from raylt.head.evaluate import evaluate, plot_per_class, write_metrics
 from raylt.head.fit_ray import fit_ray, head_job, workers_of
+from raylt.head.recipe import HeadRecipe
 from raylt.head.rows import class_text, head_rows
 from raylt.latent.stats_ray import class_stats, files_key
 from raylt.methods.bns_ray import adapt

@@ -125,8 +125,9 @@ def own_processes():
     """An environment whose processes (the command's, and any Ray process it starts, which
     inherit it) carry a marker and keep Ray's files in a folder of their own; yields (env,
     the Ray folder, a function listing the marked processes still alive)."""
-    marker = f"RAYLT_TEST_PROCESS={uuid.uuid4().hex}".encode()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYLT_TEST_PROCESS": marker.decode().split("=")[1]}
+    token = uuid.uuid4().hex
+    marker = f"RAYLT_TEST_PROCESS={token}".encode()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYLT_TEST_PROCESS": token}
     env.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)  # as a user's shell has it
     env.pop("RAY_ADDRESS", None)
 
