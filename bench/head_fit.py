@@ -36,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from raylt.config import load_config  # noqa: E402
 from raylt.head.evaluate import evaluate  # noqa: E402
-from raylt.testing.simulate import GENERATORS, LatentSpec, balanced_twin, places_lt_profile  # noqa: E402
+from raylt.head.text import ensemble_weights, zero_shot_logits  # noqa: E402
+from raylt.head.posthoc import balanced_accuracy  # noqa: E402
+from raylt.testing.simulate import GENERATORS, TEXT_SETTINGS, LatentSpec, balanced_twin, places_lt_profile  # noqa: E402
 
 
 def places_counts(f: Path | None = None) -> np.ndarray:
@@ -69,7 +71,7 @@ def row(name, seconds, r, plain=None, twin=None):
           f"| {r['few']:.4f} | {gaps} |")
 
 
-def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=None, edit=None):
+def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=None, edit=None, text=None):
     """(fit seconds, metrics) of a raylt recipe, `LongTailHead` of the config with `overrides`,
     trained on (x, y); many / medium / few by `groups` (default: `counts`); post-hoc offsets and
     temperature chosen on `val`. `edit(gaussians, moments, whitening, cfg)` replaces the
@@ -88,7 +90,7 @@ def raylt_fit(x, y, xt, yt, counts, overrides, device="cpu", groups=None, val=No
 
     est = (Edited if edit is not None else LongTailHead).from_config(load_config(None, overrides), device)
     t0 = time.perf_counter()
-    est.fit(x, y, *(val if val is not None else (None, None)))
+    est.fit(x, y, *(val if val is not None else (None, None)), class_text=text)
     if device != "cpu":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", action="append", default=[], help="extra raylt recipe as comma-separated overrides")
     ap.add_argument("--generator", action="append", help="embedding generator (repeatable; default: clip_like and "
                                                          "heavy_tailed)")
+    ap.add_argument("--text", default="scenes", choices=[*TEXT_SETTINGS, "none"],
+                    help="the class names' text view (raylt.testing.simulate.TEXT_SETTINGS): scenes (zero-shot near "
+                         "CLIP's ~65%%), species (names that say nothing), none")
     args = ap.parse_args(argv)
 
     import torch
@@ -128,13 +133,15 @@ def compare(generator: str, counts: np.ndarray, args) -> None:
     """One table: every head on one generator's embeddings, with the balanced twin's reference."""
     import torch
 
-    (x_all, y_all, s_all), (xb, yb) = balanced_twin(generator, counts, 100, LatentSpec(dim=args.dim, seed=args.seed),
-                                                    splits=("test", "val"))
+    text_view = None if args.text == "none" else args.text
+    (x_all, y_all, s_all), (xb, yb), *text = balanced_twin(generator, counts, 100, LatentSpec(dim=args.dim, seed=args.seed),
+                                                           splits=("test", "val"), text=text_view)
+    text = text[0] if text else None
     tr, te, va = s_all == "train", s_all == "test", s_all == "val"
     x, y, xt, yt = x_all[tr], y_all[tr], x_all[te], y_all[te]
     val = x_all[va][::5], y_all[va][::5]  # 20 per class, as Places-LT's val split
     names = [str(i) for i in range(len(counts))]
-    print(f"\nhead fitting, generator {generator}: {len(counts)} classes, {len(y)} train embeddings ({counts.max()} "
+    print(f"\nhead fitting, generator {generator}, class names {args.text}: {len(counts)} classes, {len(y)} train embeddings ({counts.max()} "
           f"down to {counts.min()}), D={args.dim}, {len(yt)} test; {torch.get_num_threads()} torch threads, "
           f"raylt on {args.device}\n")
     print("| head | fit s | top-1 | balanced | many | medium | few | gap closed | few gap closed |")
@@ -145,12 +152,19 @@ def compare(generator: str, counts: np.ndarray, args) -> None:
     twin = raylt_fit(xb, yb, xt, yt, np.bincount(yb, minlength=len(counts)), plain_ce, args.device, groups=counts)
     row("reference: plain CE head on the balanced twin", *twin)
     row("raylt real only (plain CE head)", *plain)
+    if text is not None:
+        row("zero-shot CLIP (class names, no training)", 0.0, evaluate(zero_shot_logits(xt, text).argmax(1), yt, counts,
+                                                                       names), plain[1], twin[1])
     # One untimed fit of the default first: torch builds its kernels for the sampler's and the
     # head's shapes on first use (about a second), as a long-running worker does once.
     raylt_fit(x, y, xt, yt, counts, [], args.device, val=val)
     recipes = {"raylt default (gaussian sampler, logit-adjusted)": []}
     recipes.update({r: r.split(",") for r in args.recipe})
     results = {}
+    if text is not None:
+        fits = [raylt_fit(x, y, xt, yt, counts, [], args.device, val=val, text=text) for _ in range(args.repeat)]
+        results["text"] = (float(np.median([f[0] for f in fits])), fits[0][1])
+        row("**raylt default with class text** (text prior, zero-shot ensemble)", *results["text"], plain[1], twin[1])
     for name, ov in recipes.items():
         # The default's time (the speed ratio below) is the median of --repeat fits: they give
         # the same head, and one fit's time on a shared 2-core machine varies by a second.
@@ -164,6 +178,13 @@ def compare(generator: str, counts: np.ndarray, args) -> None:
     lda = lda_head(class_moments(x, y, len(counts), rank=1))
     secs = time.perf_counter() - t0
     row("closed-form LDA (same class statistics)", secs, evaluate(lda(xt).argmax(1), yt, counts, names), plain[1], twin[1])
+    if text is not None:  # GDA (Wang et al., ICLR 2024): the closed form plus zero-shot, weighed on val
+        zv, zsv = lda(val[0]), zero_shot_logits(val[0], text)
+        alphas = ensemble_weights(zv, zsv)
+        alpha = alphas[int(np.argmax([balanced_accuracy((zv + a * zsv).argmax(1), val[1], len(counts))
+                                      for a in alphas]))]
+        gda = evaluate((lda(xt) + alpha * zero_shot_logits(xt, text)).argmax(1), yt, counts, names)
+        row("GDA: closed-form LDA + zero-shot ensemble", time.perf_counter() - t0, gda, plain[1], twin[1])
     if not args.no_sklearn:
         from sklearn.linear_model import LogisticRegression
 
@@ -176,6 +197,16 @@ def compare(generator: str, counts: np.ndarray, args) -> None:
         default, peer = results["raylt default (gaussian sampler, logit-adjusted)"], results[label]
         print(f"\nraylt default against balanced LogisticRegression: {peer[0] / default[0]:.2f}x its speed, "
               f"{100 * (default[1]['overall'] - peer[1]['overall']):+.1f} points top-1")
+    if text is not None:
+        t, img = results["text"][1], results["raylt default (gaussian sampler, logit-adjusted)"][1]
+        zs = evaluate(zero_shot_logits(xt, text).argmax(1), yt, counts, names)
+        worst = min(t[g] - max(zs[g], plain[1][g]) for g in ("many", "medium", "few"))
+        print(f"\nwith class text: {gap_closed(t, plain[1], twin[1], 'overall'):.2f} of the overall and "
+              f"{gap_closed(t, plain[1], twin[1], 'few'):.2f} of the few-shot gap closed (image only: "
+              f"{gap_closed(img, plain[1], twin[1], 'overall'):.2f} / {gap_closed(img, plain[1], twin[1], 'few'):.2f}); "
+              f"{100 * (t['overall'] - zs['overall']):+.1f} points over zero-shot, {100 * (t['overall'] - img['overall']):+.1f} "
+              f"over image only; the weakest group {100 * worst:+.1f} points against the better of zero-shot and "
+              f"the plain CE head")
     d = results["raylt default (gaussian sampler, logit-adjusted)"][1]
     print(f"raylt default's test ECE: {d['ece_raw']:.4f} with its own logits, {d['ece']:.4f} after the temperature "
           f"{d['temperature']:.3f} fitted on val")

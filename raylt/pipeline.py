@@ -31,7 +31,7 @@ from raylt.head.calibration import expected_calibration_error
 from raylt.head.evaluate import evaluate, plot_per_class, write_metrics
 from raylt.head.fit_ray import fit_ray, head_job, workers_of
 from raylt.head.recipe import HeadRecipe
-from raylt.head.rows import class_text, head_rows
+from raylt.head.rows import class_text, head_rows, target_text
 from raylt.latent.stats_ray import class_stats, files_key
 from raylt.methods.bns_ray import adapt
 from raylt.methods.recipes import baseline_config, is_on, recipe_label
@@ -100,7 +100,8 @@ def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
         with _timed(times, "train_s"):
             workers = workers_of(cfg)
             rows = head_rows(cfg, es, adapter, workers)
-            plan = est.plan(moments, es.train_counts, es.dim, rows.real_counts, class_text(cfg, rows.names), rows.neighbours)
+            plan = est.plan(moments, es.train_counts, es.dim, rows.real_counts, class_text(cfg, rows.names),
+                            rows.neighbours, target_text(cfg, raw))
             del moments  # the views on the reduce's result: only what is built from them is kept
             log.info("training stream per epoch: %d real + %d synthetic embeddings, %d classes (%d auxiliary)",
                      plan.real_counts.sum(), plan.syn_counts.sum(), plan.num_classes,

@@ -17,7 +17,7 @@ from raylt.ops.hashing import json_key
 
 # Where and how a fit runs, not what it learns: left out of the checkpoints' key.
 _WHERE = ("output_dir", "cpus_per_worker", "threads_per_worker", "placement_strategy", "max_failures")
-_AFTER = ("posthoc", "posthoc_tau", "calibrate")  # head settings applied after training (LongTailHead.finish)
+_AFTER = ("posthoc", "posthoc_tau", "calibrate", "text_ensemble")  # head settings applied after training (LongTailHead.finish)
 
 
 def fit_key(cfg: RayltConfig) -> str:

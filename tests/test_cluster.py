@@ -147,7 +147,11 @@ def test_places_lt_job_on_a_ray_cluster_with_token_auth(ray_head, tmp_path):
     assert len(fit) == 1 and fit[0].info.status == "FINISHED"
     assert fit[0].data.params["backbone.model"] == "raylt-tiny-vit"
     assert {"metrics.json", "per_class.png"} <= {a.path for a in client.list_artifacts(fit[0].info.run_id)}
-    assert (shared / "outputs" / "places_lt" / "metrics.json").is_file()
+    metrics = json.loads((shared / "outputs" / "places_lt" / "metrics.json").read_text())
+    # The backbone's text tower named the classes: the ensemble weight was chosen on the val
+    # split, and the text prior tried (the random tiny model's names predict nothing: off).
+    assert metrics["text_ensemble"] == "val" and metrics["text_ensemble_weight"] >= 0
+    assert metrics["text_prior"].startswith(("on", "off: the names do not predict"))
     assert list((shared / "store").glob("*/manifest.json"))
 
 

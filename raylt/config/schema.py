@@ -167,6 +167,12 @@ class HeadConfig:
     whiten_ridge: float = field(default=0.01, metadata=_min(0))  # whitened: least shrinkage of the pooled covariance toward its mean eigenvalue (OAS when larger)
     scale: float = field(default=16.0, metadata=_min(0))  # cosine logit scale (and text-init weight norm)
     text_init: bool = False  # start from CLIP text embeddings of "a photo of a {class name}."
+    # With class text (a backbone with a text tower): the sampler's class means shrunk toward
+    # means predicted from the names' text, each by a weight estimated from the data (raylt.head.text)
+    text_prior: bool = True
+    # With class text: zero-shot CLIP's logits added with a weight chosen on the val rows,
+    # folded into the served W x + b (a linear head without an adapter)
+    text_ensemble: bool = True
     loss: str = "logit_adjusted"  # registry: ce, logit_adjusted, balanced_softmax (default: bench/head_fit.py)
     tau: float = 1.0  # logit_adjusted: weight of the log prior
     posthoc: str = "count"  # registry: none, count, prior: per-class offsets tau f(n_c) added to the bias after training

@@ -131,8 +131,18 @@ def text_embeddings(cfg: BackboneConfig, class_names: list[str], prompt: str = "
                     purpose: str = "head.text_init") -> np.ndarray:
     """[C, D] CLIP text embeddings of the class names (text-initialised heads, name matching)."""
     encoder = build_encoder(cfg)
-    if not hasattr(encoder, "encode_text"):
+    if not has_text_tower(encoder):
         raise BackboneError(f"{purpose} needs a backbone with a text tower; {cfg.name!r} has none (use open_clip)")
+    return encode_class_names(encoder, class_names, prompt)
+
+
+def has_text_tower(encoder: Encoder) -> bool:
+    return hasattr(encoder, "encode_text")
+
+
+def encode_class_names(encoder, class_names: list[str], prompt: str = "a photo of a {}.") -> np.ndarray:
+    """[C, D] text-tower embeddings of `prompt` filled with each class name (its last `/` part,
+    underscores as spaces)."""
     names = [n.replace("_", " ").split("/")[-1] for n in class_names]
     return encoder.encode_text([prompt.format(n) for n in names]).cpu().numpy()
 

@@ -14,6 +14,7 @@ Deterministic for a `seed` on CPU.
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -34,9 +35,12 @@ class LongTailHead(ClassifierMixin, BaseEstimator, HeadRecipe):
     each); the defaults are raylt's default recipe. `device`: the torch device of training.
     """
 
-    def fit(self, X, y, X_val=None, y_val=None, on_epoch=None):
+    def fit(self, X, y, X_val=None, y_val=None, on_epoch=None, class_text=None):
         """Fit on embeddings X [N, D] with labels y [N] (any hashable labels); the offsets'
-        tau and the temperature are chosen on (X_val, y_val) when given, else switched off.
+        tau, the zero-shot ensemble's weight and the temperature are chosen on (X_val, y_val)
+        when given, else switched off. `class_text`: the classes' CLIP text embeddings, [C, D]
+        in the order of `classes_` (the sorted labels) or a mapping label -> vector; with it the
+        text prior (`text_prior`) and the zero-shot ensemble (`text_ensemble`) are used.
         `on_epoch(epoch, module, stats)` is called after each epoch (a sweep logs there)."""
         from raylt.latent.stats import class_moments
         from raylt.latent.transforms import TRANSFORMS
@@ -55,10 +59,28 @@ class LongTailHead(ClassifierMixin, BaseEstimator, HeadRecipe):
         x, yr, keep, steps = X, yi, None, None
         if cfg.selection.name != "none":
             x, yr, keep, steps = self._selected(X, yi, cfg)
-        plan = self.plan(moments, counts, X.shape[1], np.bincount(yr[(keep & 1) == 1] if keep is not None else yr, minlength=c))
+        real = np.bincount(yr[(keep & 1) == 1] if keep is not None else yr, minlength=c)
+        plan = self.plan(moments, counts, X.shape[1], real, text=self._class_text(class_text, X.shape[1]))
         del moments
         self.artifact_, self.fit_info_ = self._train(plan, x, yr, keep, steps, val, on_epoch)
         return self
+
+    def _class_text(self, class_text, dim: int):
+        if class_text is None:
+            return None
+        if isinstance(class_text, Mapping):
+            missing = [c.item() if isinstance(c, np.generic) else c for c in self.classes_ if c not in class_text]
+            if missing:
+                raise ValueError(f"class_text has no vector for class {missing[0]!r} ({len(missing)} missing); "
+                                 "give one per class of y")
+            class_text = [class_text[c] for c in self.classes_]
+        t = np.asarray(class_text, np.float32)
+        if t.ndim != 2 or len(t) != len(self.classes_) or t.shape[1] != dim:
+            raise ValueError(f"class_text has shape {t.shape}; expected ({len(self.classes_)}, {dim}): one row per "
+                             "class of y, in the order of classes_, as long as the embeddings")
+        if not np.isfinite(t).all() or (np.linalg.norm(t, axis=1) == 0).any():
+            raise ValueError("class_text has a zero or non-finite row; every class needs a text embedding")
+        return t
 
     def _val(self, X_val, y_val, cfg):
         if X_val is None:

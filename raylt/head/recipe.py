@@ -18,6 +18,7 @@ seconds-long fit).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Iterator, Mapping
@@ -29,6 +30,7 @@ from raylt.config.schema import HeadConfig, SamplerConfig, SelectionConfig, Stat
 from raylt.head.artifact import HeadArtifact
 from raylt.head.calibration import fit_temperature, mean_nll
 from raylt.head.posthoc import balanced_accuracy, choose_tau, offsets
+from raylt.head.text import ensemble_weights, fold_ensemble, text_prior_moments, zero_shot_logits
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ PARAMS: dict[str, str] = {
     "rank": "stats.rank",
     "selection": "selection.name", "selection_k": "selection.k", "selection_every": "selection.every",
     "head": "head.name", "whiten_ridge": "head.whiten_ridge", "scale": "head.scale", "loss": "head.loss",
-    "tau": "head.tau", "posthoc": "head.posthoc", "posthoc_tau": "head.posthoc_tau", "calibrate": "head.calibrate",
+    "tau": "head.tau", "text_prior": "head.text_prior", "text_ensemble": "head.text_ensemble",
+    "posthoc": "head.posthoc", "posthoc_tau": "head.posthoc_tau", "calibrate": "head.calibrate",
     "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
     "weight_decay": "train.weight_decay", "precision": "train.precision",
     "seed": "seed",
@@ -61,6 +64,8 @@ class HeadPlan:
     whiten: object = None  # raylt.head.whiten.Whitening of a whitened head
     init: np.ndarray | None = None  # [num_classes, D] initial weights (text embeddings of the names)
     neighbours: np.ndarray | None = None  # [num_classes, num_classes] bool: auxiliary classes' silencing mask
+    text: np.ndarray | None = None  # [num_targets, D] class text embeddings (raylt.head.text), None: none
+    prior: dict | None = None  # what the text prior of the class means was (metrics)
 
     @property
     def num_classes(self) -> int:
@@ -93,6 +98,7 @@ class HeadRecipe:
                  selection_k: int = SelectionConfig.k, selection_every: int = SelectionConfig.every,
                  head: str = HeadConfig.name, whiten_ridge: float = HeadConfig.whiten_ridge,
                  scale: float = HeadConfig.scale, loss: str = HeadConfig.loss, tau: float = HeadConfig.tau,
+                 text_prior: bool = HeadConfig.text_prior, text_ensemble: bool = HeadConfig.text_ensemble,
                  posthoc: str = HeadConfig.posthoc, posthoc_tau: float | None = HeadConfig.posthoc_tau,
                  calibrate: bool = HeadConfig.calibrate, epochs: int = TrainConfig.epochs,
                  batch_size: int = TrainConfig.batch_size, lr: float = TrainConfig.lr,
@@ -102,6 +108,7 @@ class HeadRecipe:
         self.eps, self.base_min, self.rank = eps, base_min, rank
         self.selection, self.selection_k, self.selection_every = selection, selection_k, selection_every
         self.head, self.whiten_ridge, self.scale, self.loss, self.tau = head, whiten_ridge, scale, loss, tau
+        self.text_prior, self.text_ensemble = text_prior, text_ensemble
         self.posthoc, self.posthoc_tau, self.calibrate = posthoc, posthoc_tau, calibrate
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
         self.precision, self.seed, self.device = precision, seed, device
@@ -138,12 +145,14 @@ class HeadRecipe:
         return [t for t in dict.fromkeys(wanted) if t]
 
     def plan(self, moments: Mapping, data_counts: np.ndarray, dim: int, real_counts: np.ndarray | None = None,
-             init: np.ndarray | None = None, neighbours: np.ndarray | None = None) -> HeadPlan:
+             init: np.ndarray | None = None, neighbours: np.ndarray | None = None,
+             text: np.ndarray | None = None) -> HeadPlan:
         """The plan of a fit from the class moments (`statistics()` transform -> ClassMoments
         of the train rows), the real train rows per target class, the embeddings' dimension,
-        and optionally the real rows
-        per class and epoch (auxiliary classes appended, selection applied; default
-        `data_counts`), initial weights and the auxiliary silencing mask."""
+        and optionally the real rows per class and epoch (auxiliary classes appended, selection
+        applied; default `data_counts`), initial weights, the auxiliary silencing mask and the
+        target classes' text embeddings [C, D] (the sampler's class means then take the text
+        prior, `head.text_prior`, and `finish` the zero-shot ensemble, `head.text_ensemble`)."""
         from raylt.head.whiten import head_whitening
         from raylt.latent.sampling import SAMPLERS, synthetic_counts
 
@@ -151,13 +160,18 @@ class HeadRecipe:
         spec = SAMPLERS.get(cfg.sampler.name)
         data_counts = np.asarray(data_counts, np.int64)
         real = data_counts if real_counts is None else np.asarray(real_counts, np.int64)
+        prior = None
+        if text is not None and spec.transform and cfg.head.text_prior:
+            shrunk, prior = text_prior_moments(moments[spec.transform], text)
+            moments = {**moments, spec.transform: shrunk}
         gaussians = spec.build(moments[spec.transform], cfg.sampler) if spec.transform else None
         whiten = head_whitening(cfg.head, moments["identity"]) if "identity" in moments else None
         c = len(data_counts)
         syn = np.zeros(len(real), np.int64)
         if gaussians is not None:
             syn[:c] = synthetic_counts(real[:c], cfg.sampler.target, gaussians.valid)
-        return HeadPlan(dim, c, data_counts, real, syn, gaussians, whiten, init, neighbours)
+        text = None if text is None else np.asarray(text, np.float32)
+        return HeadPlan(dim, c, data_counts, real, syn, gaussians, whiten, init, neighbours, text, prior)
 
     def start(self, plan: HeadPlan, device="cpu", gaussians=None) -> Training:
         """A new head (the same on every rank: seeded), its loss, optimiser, schedule and
@@ -191,6 +205,38 @@ class HeadRecipe:
                             training.sampler, plan.syn_counts, cfg.seed, cfg.train, epochs, rank, world, steps, keep,
                             cfg.selection.every)
 
+    @staticmethod
+    def _ensemble(art: HeadArtifact, z, plan: HeadPlan, val, f):
+        """(head, its val logits, what was chosen) with zero-shot CLIP's logits added at the
+        weight (and post-hoc tau) of the best balanced accuracy on `val`, folded into W."""
+        why = ("off: no val rows to choose its weight on" if val is None else
+               "off: a cosine head" if art.kind != "linear" else
+               "off: an adapter comes first" if art.adapter else None)
+        if why:
+            log.info("zero-shot ensemble %s", why.removeprefix("off: "))
+            return art, z, {"text_ensemble": why}
+        zs = zero_shot_logits(val[0], plan.text)
+        c = plan.num_targets
+
+        def score(alpha: float) -> float:
+            za = z + alpha * zs
+            if f is not None:
+                tau, _ = choose_tau(za, val[1], f)
+                za = za + tau * f
+            return balanced_accuracy(za.argmax(1), val[1], c)
+
+        alphas = ensemble_weights(z, zs)
+        scores = [score(a) for a in alphas]
+        best = int(np.argmax(scores))  # the first best: the smallest weight among ties
+        alpha = float(alphas[best])
+        w, b = fold_ensemble(art.weight, art.bias, plan.text, alpha)
+        art = dataclasses.replace(art, weight=w.astype(np.float32), bias=b.astype(np.float32))
+        log.info("zero-shot ensemble: weight %.3g on the val split (balanced top-1 %.4f; head alone %.4f, "
+                 "zero-shot alone %.4f)", alpha, scores[best], scores[0],
+                 balanced_accuracy(zs.argmax(1), val[1], c))
+        return art, z + alpha * zs, {"text_ensemble": "val", "text_ensemble_weight": alpha,
+                                     "val_balanced_zero_shot": balanced_accuracy(zs.argmax(1), val[1], c)}
+
     def finish(self, state: dict, plan: HeadPlan, val=None, adapter: dict | None = None,
                no_val: str = "off: no val rows") -> tuple[HeadArtifact, dict]:
         """(the served head, what was chosen) from the trained head's state dict: its target
@@ -198,9 +244,12 @@ class HeadRecipe:
         labels), or switched off for the reason `no_val` when `val` is None."""
         cfg = self.config()
         art = HeadArtifact.from_state(state, cfg.head.name, cfg.head.scale, plan.num_targets, adapter)
-        info: dict = {}
+        info: dict = dict(plan.prior or {})
         z = art.logits(val[0]) if val is not None else None
         f = offsets(cfg.head.posthoc, plan.data_counts)
+        if plan.text is not None and cfg.head.text_ensemble:
+            art, z, chosen = self._ensemble(art, z, plan, val, f)
+            info.update(chosen)
         if f is not None:
             tau, source = cfg.head.posthoc_tau, "config"
             if tau is None and val is None:

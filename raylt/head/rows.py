@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raylt.config import RayltConfig, expand_path
-from raylt.embed.backbones import text_embeddings
+from raylt.config import BackboneConfig, RayltConfig, expand_path
+from raylt.embed.backbones import build_encoder, encode_class_names, has_text_tower, text_embeddings
 from raylt.embed.inputs import EmbeddingSet, open_embeddings, read_split
 from raylt.errors import RayltError
 from raylt.methods.auxiliary import auxiliary_rows, class_means
@@ -85,6 +85,20 @@ def head_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None, workers:
 def class_text(cfg: RayltConfig, names) -> np.ndarray | None:
     """The head's initial weights: CLIP text embeddings of the class names (head.text_init)."""
     return text_embeddings(cfg.backbone, list(names)) if cfg.head.text_init else None
+
+
+def target_text(cfg: RayltConfig, es: EmbeddingSet) -> np.ndarray | None:
+    """[C, D] CLIP text embeddings of the target classes' names, for the text prior and the
+    zero-shot ensemble (head.text_prior, head.text_ensemble), from the backbone that embedded
+    the store; None when both are off, for embeddings of no known backbone (the text of
+    another model's tower would not match them), or for a backbone without a text tower."""
+    if not (cfg.head.text_prior or cfg.head.text_ensemble) or es.backbone is None:
+        return None
+    encoder = build_encoder(BackboneConfig(**es.backbone))
+    if not has_text_tower(encoder):
+        log.info("class text: the %s backbone has no text tower; the image-only recipe", es.backbone.get("name"))
+        return None
+    return encode_class_names(encoder, list(es.class_names))
 
 
 def _chosen_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None):

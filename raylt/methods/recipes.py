@@ -38,9 +38,12 @@ def recipe_label(cfg: RayltConfig) -> str:
 
 
 def baseline_config(cfg: RayltConfig) -> RayltConfig:
-    """The plain CE head on all real embeddings only, everything else equal (not registered)."""
+    """The plain CE head on all real embeddings only, everything else equal (not registered):
+    no sampler, no offsets, no class text."""
+    head = dataclasses.replace(cfg.head, loss="ce", posthoc="none", text_init=False, text_prior=False,
+                               text_ensemble=False)
     return dataclasses.replace(
-        cfg, sampler=dataclasses.replace(cfg.sampler, name="none"), head=dataclasses.replace(cfg.head, loss="ce", posthoc="none"),
+        cfg, sampler=dataclasses.replace(cfg.sampler, name="none"), head=head,
         selection=dataclasses.replace(cfg.selection, name="none"), adapter=dataclasses.replace(cfg.adapter, name="none"),
         auxiliary=dataclasses.replace(cfg.auxiliary, embeddings=None),
         tracking=dataclasses.replace(cfg.tracking, registered_model=None),  # a comparison, not a model to serve

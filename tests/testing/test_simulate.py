@@ -53,3 +53,19 @@ def test_the_balanced_twin_has_the_same_test_set_and_class_distributions(generat
     for c in range(4):  # the twin's class c, even where the long tail had 3 images, is nearest to test class c
         d = np.linalg.norm(means - xb[yb == c].mean(0), axis=1)
         assert d.argmin() == c
+
+
+@pytest.mark.parametrize("generator", GENERATORS.names())
+def test_text_views_leave_the_images_alone_and_name_classes_as_well_as_their_setting_says(generator):
+    counts, spec = [60] * 48, LatentSpec(dim=96, seed=2, classes_per_group=6)
+    (x0, y0, _), _ = generate(generator, counts, 30, spec)
+    (x, y, s), _, scenes = generate(generator, counts, 30, spec, text="scenes")
+    *_, species = generate(generator, counts, 30, spec, text="species")
+    assert np.array_equal(x, x0) and np.array_equal(y, y0)  # asking for names never moves an image
+    assert scenes.shape == (48, 96) and np.allclose(np.linalg.norm(scenes, axis=1), 1, atol=1e-5)
+    test = s == "test"
+    top1 = lambda t: float(((x[test] @ t.T).argmax(1) == y[test]).mean())  # noqa: E731  zero-shot
+    assert top1(scenes) > 0.2 and top1(species) < 0.08  # chance: 1/48
+    # The modality gap: the names' centroid is far from the images'.
+    cos = x.mean(0) @ scenes.mean(0) / np.linalg.norm(x.mean(0)) / np.linalg.norm(scenes.mean(0))
+    assert cos < 0.3
