@@ -59,6 +59,12 @@ BATCHES = Registry("adapter batch sampler", {
     "instance": "rows drawn as they come (one pass per epoch); negatives balanced in the loss",
     "balanced": "classes drawn uniformly, per_class rows each (tail rows repeat often)",
 }, home="raylt.methods.bns")
+TEMPLATES = Registry("text template set", {
+    "simple": "open_clip's 7 SIMPLE_IMAGENET_TEMPLATES (default)",
+    "openai": "open_clip's 80 OPENAI_IMAGENET_TEMPLATES (CLIP's ImageNet prompts)",
+    "scenes": "8 prompts for place names (Places-style data)",
+    "species": "6 prompts for organism names (iNaturalist-style data)",
+}, home="raylt.embed.class_text")
 MATCHERS = Registry("auxiliary matcher", {
     "text": "cosine of CLIP text embeddings of the class names (the backbone's text tower)",
     "mean": "cosine of the classes' mean image embeddings (no text tower needed)",
@@ -78,6 +84,9 @@ CHOICES: tuple[tuple[str, str, Registry], ...] = (
     ("auxiliary matchers", "auxiliary.match", MATCHERS),
 )
 
+# What `raylt list` shows: the above, and the template sets, whose key also takes a file.
+LISTED = (*CHOICES, ("text template sets (or a file of templates)", "head.text_templates", TEMPLATES))
+
 
 def chosen(cfg: RayltConfig, key: str) -> str:
     section, field = key.split(".")
@@ -88,3 +97,6 @@ def check_names(cfg: RayltConfig) -> None:
     """Every registry name in the config exists; an unknown one fails here, naming the choices."""
     for _, key, registry in CHOICES:
         registry.check(chosen(cfg, key))
+    from raylt.embed.class_text import check_templates  # it registers into TEMPLATES above: an import cycle
+
+    check_templates(cfg.head.text_templates)

@@ -121,8 +121,13 @@ def cmd_fit(args) -> int:
     out = Path(args.out).expanduser().resolve()
     check_fits(cfg, out, args.baseline)
     es = open_embeddings(args.embeddings, args.class_names, cfg.store.staging)
+    text = None
+    if args.class_text:
+        from raylt.embed.class_text import read_class_text
+
+        text = read_class_text(args.class_text, es.class_names, es.dim)
     from raylt.pipeline import fit  # Ray Train and torch only once the inputs are valid: bad input fails at once
-    results = [fit(cfg, es, out)]
+    results = [fit(cfg, es, out, class_text=text)]
     if args.baseline:
         results.append(fit(baseline_config(cfg), es, out / "baseline", run_name="baseline"))
     _summary(cfg, results)
@@ -235,10 +240,10 @@ def cmd_predict(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from raylt.choices import CHOICES
+    from raylt.choices import LISTED
     from raylt.config import shipped_configs
 
-    for title, key, registry in CHOICES:
+    for title, key, registry in LISTED:
         print(f"{title} ({key}):")
         for name, help in registry.describe():
             print(f"  {name:<12} {help}")
@@ -304,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (see configs/); defaults if omitted")
     p.add_argument("--class-names", help="text file, one class name per line in label order")
     p.add_argument("--baseline", action="store_true", help="also fit the plain CE head on real embeddings and compare")
+    p.add_argument("--class-text", help="Parquet file (label, embedding): the classes' CLIP text embeddings, for the "
+                                        "text prior and the zero-shot ensemble (rows of a label are averaged)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. sampler.target=200")
     p.set_defaults(fn=cmd_fit)
     p = sub.add_parser("ablate", help="every long-tail method on the same embeddings, side by side (MLflow child runs)")

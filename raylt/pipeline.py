@@ -24,6 +24,7 @@ import numpy as np
 
 from raylt import tracking
 from raylt.config import RayltConfig, expand_path, to_dict
+from raylt.embed.class_text import CLASS_TEXT_FILE
 from raylt.embed.inputs import EmbeddingSet, eval_split, open_embeddings, read_split
 from raylt.embed.stage import run_embed
 from raylt.head.artifact import HeadArtifact
@@ -31,7 +32,7 @@ from raylt.head.calibration import expected_calibration_error
 from raylt.head.evaluate import evaluate, plot_per_class, write_metrics
 from raylt.head.fit_ray import fit_ray, head_job, workers_of
 from raylt.head.recipe import HeadRecipe
-from raylt.head.rows import class_text, head_rows, target_text
+from raylt.head.rows import head_rows, initial_weights, target_text
 from raylt.latent.stats_ray import class_stats, files_key
 from raylt.methods.bns_ray import adapt
 from raylt.methods.recipes import baseline_config, is_on, recipe_label
@@ -70,20 +71,22 @@ def embedded(cfg: RayltConfig) -> EmbeddingSet:
 
 
 def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, run_name: str = "fit",
-        parent_run_id: str | None = None) -> FitResult:
+        parent_run_id: str | None = None, class_text: np.ndarray | None = None) -> FitResult:
+    """Every stage after `embed` on `es`, into `out`; `class_text` [C, D] the classes' text
+    embeddings (default: the store's backbone's text tower, where it has one)."""
     check_fit(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     # One run per output folder: two would share Ray Train's checkpoints and the results.
     with file_lock(out / ".lock", f"output folder {out}", wait=False,
                    hint="wait for that run to end, or pick another `name` (or --out)"):
-        metrics, run_id, uri = _fit_locked(cfg, es, out, run_name, parent_run_id)
+        metrics, run_id, uri = _fit_locked(cfg, es, out, run_name, parent_run_id, class_text)
     log.info("metrics: overall %.4f, many %s, medium %s, few %s -> %s", metrics["overall"],
              *(_fmt(metrics[g]) for g in ("many", "medium", "few")), out / "metrics.json")
     return FitResult(out, metrics, run_id, uri)
 
 
 def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
-                parent_run_id: str | None) -> tuple[dict, str | None, str | None]:
+                parent_run_id: str | None, class_text: np.ndarray | None) -> tuple[dict, str | None, str | None]:
     join_cluster(cfg.ray, cfg.train.num_workers)
     times: dict[str, float] = {}
     est = HeadRecipe.from_config(cfg, "cuda" if cfg.train.use_gpu else "cpu")
@@ -100,8 +103,11 @@ def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
         with _timed(times, "train_s"):
             workers = workers_of(cfg)
             rows = head_rows(cfg, es, adapter, workers)
-            plan = est.plan(moments, es.train_counts, es.dim, rows.real_counts, class_text(cfg, rows.names),
-                            rows.neighbours, target_text(cfg, raw))
+            text = target_text(cfg, raw, class_text)
+            if text is not None:  # beside the head, and logged with it: what its prior and ensemble used
+                np.save(out / CLASS_TEXT_FILE, text)
+            plan = est.plan(moments, es.train_counts, es.dim, rows.real_counts, initial_weights(cfg, rows.names),
+                            rows.neighbours, text)
             del moments  # the views on the reduce's result: only what is built from them is kept
             log.info("training stream per epoch: %d real + %d synthetic embeddings, %d classes (%d auxiliary)",
                      plan.real_counts.sum(), plan.syn_counts.sum(), plan.num_classes,

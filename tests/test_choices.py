@@ -25,7 +25,7 @@ def test_unknown_method_names_fail_before_any_work(override, match):
         check_names(load_config(None, [override]))
 
 
-@pytest.mark.parametrize("title, key, registry", __import__("raylt.choices").choices.CHOICES,
+@pytest.mark.parametrize("title, key, registry", __import__("raylt.choices").choices.LISTED,
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_every_declared_name_is_what_its_home_module_registers(title, key, registry):
     import importlib

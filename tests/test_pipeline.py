@@ -111,12 +111,22 @@ def test_same_config_and_seed_give_the_same_metrics_and_a_rerun_resumes(demo_run
         fit(other, es, recipe.out)
 
 
-def own_embeddings(tmp: Path) -> Path:
-    from raylt.testing.simulate import clip_like, write_parquet
+OWN_COUNTS = np.array([120] * 4 + [30] * 4 + [3] * 8)
 
-    counts = np.array([120] * 4 + [30] * 4 + [3] * 8)
-    x, y, s = clip_like(counts, 20, splits=("val", "test"))
-    write_parquet(x, y, s, tmp / "emb" / "part-0.parquet", [f"kind {i}" for i in range(16)])
+
+def own_embeddings(tmp: Path) -> Path:
+    """A Parquet folder of generated embeddings, and beside it (`class_text.parquet`, not in
+    the folder) its classes' text embeddings, two rows per class name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylt.testing.simulate import generate, write_parquet
+
+    (x, y, s), _, text = generate("clip_like", OWN_COUNTS, 20, splits=("val", "test"), text="scenes")
+    names = [f"kind {i}" for i in range(16)]
+    write_parquet(x, y, s, tmp / "emb" / "part-0.parquet", names)
+    pq.write_table(pa.table({"label": names * 2, "embedding": [*text.tolist(), *(2 * text).tolist()]}),
+                   tmp / "class_text.parquet")
     return tmp / "emb"
 
 
@@ -151,6 +161,7 @@ def test_fit_command_on_own_embeddings_starts_no_ray_and_leaves_no_process(tmp_p
         out = subprocess.run(
             [sys.executable, "-m", "raylt", "fit", "--embeddings", str(emb), "--out", str(tmp_path / "o"),
              "--class-names", str(emb / "classnames.txt"), "--baseline", "train.epochs=3",
+             "--class-text", str(tmp_path / "class_text.parquet"),
              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
         )
@@ -172,6 +183,13 @@ def test_fit_command_on_own_embeddings_starts_no_ray_and_leaves_no_process(tmp_p
     assert (tmp_path / "o" / "baseline" / "metrics.json").is_file()
     assert m["posthoc"] == "count" and m["posthoc_from"] == "val" and m["posthoc_tau"] in TAUS
     assert m["temperature_from"] == "val" and m["temperature"] > 0 and 0.0 <= m["ece"] <= 1.0
+    # The class text brought by the user: its two rows per class averaged, the ensemble weighed on val.
+    from raylt.testing.simulate import generate
+
+    *_, text = generate("clip_like", OWN_COUNTS, 20, splits=("val", "test"), text="scenes")
+    assert np.allclose(np.load(tmp_path / "o" / "class_text.npy"), text, atol=1e-5)
+    assert m["text_ensemble"] == "val" and m["text_ensemble_weight"] >= 0
+    assert "text_ensemble" not in json.loads((tmp_path / "o" / "baseline" / "metrics.json").read_text())
 
 
 def test_a_fit_that_starts_ray_leaves_no_process_of_it(tmp_path):
@@ -228,3 +246,40 @@ def test_two_ddp_workers_split_real_and_synthetic_embeddings(demo_run):
     syn = client.get_metric_history(res.run_id, "train_synthetic")[-1].value
     assert real in (es.train_counts.sum() // 2, es.train_counts.sum() // 2 + 1)  # every row used, none dropped
     assert abs(syn - res.metrics["synthetic_per_epoch"] / 2) <= 1
+
+
+def test_a_run_with_a_text_tower_computes_caches_logs_and_reuses_the_class_text(ray_session, image_tree, tmp_path,
+                                                                                  caplog):
+    """The tiny open_clip model's text tower names the classes: the class text is computed once,
+    cached in the store, copied beside the head and logged; a second fit reuses it. (Random
+    weights: what it is worth is measured in tests/head/test_text.py on generated text.)"""
+    import logging
+
+    import mlflow
+
+    from raylt.pipeline import run
+
+    def cfg(out: str):
+        return load_config(None, [
+            "data.source=folder", f"data.root={image_tree}", f"store.root={tmp_path / 'store'}",
+            "backbone.name=open_clip", "backbone.model=raylt-tiny-vit", "backbone.pretrained=null",
+            "backbone.offline=true", "head.text_templates=scenes", "train.epochs=2", "embed.shard_size=8",
+            f"train.output_dir={tmp_path / out}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+
+    with caplog.at_level(logging.INFO, logger="raylt.head.rows"):
+        (first,) = run(cfg("a"))
+    assert "class text: 4 class names x 8 prompts (scenes) through the text tower" in caplog.text
+    (cached,) = list((tmp_path / "store").glob("*/class_text/*.npy"))
+    text = np.load(first.out / "class_text.npy")
+    assert text.shape == (4, 32) and np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-5)
+    assert np.array_equal(np.load(cached), text)
+    # Four classes teach no map (the prior is off), and a train/test data set has no val rows
+    # to weigh the ensemble on: both say so.
+    assert first.metrics["text_prior"].startswith("off:") and first.metrics["text_ensemble"].startswith("off:")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "class_text.npy" in {a.path for a in client.list_artifacts(first.run_id)}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="raylt.head.rows"):
+        (second,) = run(cfg("b"))
+    assert f"class text: reused {cached}" in caplog.text and "through the text tower" not in caplog.text
+    assert np.array_equal(np.load(second.out / "class_text.npy"), text)

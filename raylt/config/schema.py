@@ -173,6 +173,10 @@ class HeadConfig:
     # With class text: zero-shot CLIP's logits added with a weight chosen on the val rows,
     # folded into the served W x + b (a linear head without an adapter)
     text_ensemble: bool = True
+    # Prompts of the class text: simple (open_clip's 7 SIMPLE_IMAGENET_TEMPLATES; 80 openai ones
+    # cost 11x the text tower's time on CPU), openai, scenes, species, or a file of templates
+    # (one per line, {} where the name goes)
+    text_templates: str = "simple"
     loss: str = "logit_adjusted"  # registry: ce, logit_adjusted, balanced_softmax (default: bench/head_fit.py)
     tau: float = 1.0  # logit_adjusted: weight of the log prior
     posthoc: str = "count"  # registry: none, count, prior: per-class offsets tau f(n_c) added to the bias after training

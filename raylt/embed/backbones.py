@@ -131,13 +131,15 @@ def text_embeddings(cfg: BackboneConfig, class_names: list[str], prompt: str = "
                     purpose: str = "head.text_init") -> np.ndarray:
     """[C, D] CLIP text embeddings of the class names (text-initialised heads, name matching)."""
     encoder = build_encoder(cfg)
-    if not has_text_tower(encoder):
+    if not hasattr(encoder, "encode_text"):
         raise BackboneError(f"{purpose} needs a backbone with a text tower; {cfg.name!r} has none (use open_clip)")
     return encode_class_names(encoder, class_names, prompt)
 
 
-def has_text_tower(encoder: Encoder) -> bool:
-    return hasattr(encoder, "encode_text")
+def has_text_tower(name: str) -> bool:
+    """Whether the backbone registered as `name` builds encoders with `encode_text` (its
+    builder says so with a `text_tower` attribute), known without building one."""
+    return bool(getattr(BACKBONES.get(name), "text_tower", False))
 
 
 def encode_class_names(encoder, class_names: list[str], prompt: str = "a photo of a {}.") -> np.ndarray:
@@ -208,3 +210,6 @@ def build_open_clip(cfg: BackboneConfig) -> OpenClipEncoder:
             "(or backbone.model=local-dir:/path), or fill backbone.cache_dir on a machine that has internet"
         ) from None
     return OpenClipEncoder(model, identity)
+
+
+build_open_clip.text_tower = True  # OpenClipEncoder.encode_text: CLIP's other half

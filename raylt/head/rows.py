@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from raylt.config import BackboneConfig, RayltConfig, expand_path
-from raylt.embed.backbones import build_encoder, encode_class_names, has_text_tower, text_embeddings
+from raylt.embed.backbones import build_encoder, has_text_tower, text_embeddings
+from raylt.embed.class_text import cached_class_text, class_text_embeddings
 from raylt.embed.inputs import EmbeddingSet, open_embeddings, read_split
 from raylt.errors import RayltError
 from raylt.methods.auxiliary import auxiliary_rows, class_means
@@ -82,23 +83,36 @@ def head_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None, workers:
     return HeadRows(tuple(sources), steps, np.asarray(real), names, aux.neighbours if aux else None, extra)
 
 
-def class_text(cfg: RayltConfig, names) -> np.ndarray | None:
+def initial_weights(cfg: RayltConfig, names) -> np.ndarray | None:
     """The head's initial weights: CLIP text embeddings of the class names (head.text_init)."""
     return text_embeddings(cfg.backbone, list(names)) if cfg.head.text_init else None
 
 
-def target_text(cfg: RayltConfig, es: EmbeddingSet) -> np.ndarray | None:
+def target_text(cfg: RayltConfig, es: EmbeddingSet, given: np.ndarray | None = None) -> np.ndarray | None:
     """[C, D] CLIP text embeddings of the target classes' names, for the text prior and the
     zero-shot ensemble (head.text_prior, head.text_ensemble), from the backbone that embedded
     the store; None when both are off, for embeddings of no known backbone (the text of
-    another model's tower would not match them), or for a backbone without a text tower."""
-    if not (cfg.head.text_prior or cfg.head.text_ensemble) or es.backbone is None:
+    another model's tower would not match them), or for a backbone without a text tower.
+    `given`: the text the user brought (`raylt fit --class-text`), used as it is."""
+    if not (cfg.head.text_prior or cfg.head.text_ensemble):
         return None
-    encoder = build_encoder(BackboneConfig(**es.backbone))
-    if not has_text_tower(encoder):
+    if given is not None or es.backbone is None:
+        return given
+    if not has_text_tower(es.backbone.get("name", "")):
         log.info("class text: the %s backbone has no text tower; the image-only recipe", es.backbone.get("name"))
         return None
-    return encode_class_names(encoder, list(es.class_names))
+
+    def compute(prompts) -> np.ndarray:
+        log.info("class text: %d class names x %d prompts (%s) through the text tower", es.num_classes,
+                 len(prompts), cfg.head.text_templates)
+        encoder = build_encoder(BackboneConfig(**es.backbone))
+        return class_text_embeddings(lambda t: encoder.encode_text(t).cpu().numpy(), es.class_names, prompts)
+
+    text, path, reused = cached_class_text(es.path if es.is_store else None, es.backbone, es.class_names,
+                                           cfg.head.text_templates, compute)
+    if reused:
+        log.info("class text: reused %s", path)
+    return text
 
 
 def _chosen_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None):

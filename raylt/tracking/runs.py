@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from raylt.config import RayltConfig, to_dict
+from raylt.embed.class_text import CLASS_TEXT_FILE
 from raylt.errors import ConfigError, RayltError
 from raylt.head.evaluate import read_metrics
 from raylt.tracking import outputs
@@ -276,13 +277,16 @@ def log_fit(metrics: dict, out: Path) -> str | None:
     final.update({k: v for k, v in metrics["seconds"].items()})
     final.update({k: v for k, v in metrics.items() if k in _COUNTS})
     final.update({f"test_{k}": metrics[k] for k in ("ece",) if metrics.get(k) is not None})
-    final.update({k: metrics[k] for k in ("posthoc_tau", "temperature") if metrics.get(k) is not None})
+    final.update({k: metrics[k] for k in ("posthoc_tau", "temperature", "text_ensemble_weight", "text_prior_strength",
+                                          "val_balanced_zero_shot") if metrics.get(k) is not None})
     try:
         mlflow.log_metrics({k: float(v) for k, v in final.items()})
         mlflow.log_artifact(str(out / "metrics.json"))
         mlflow.log_artifact(str(out / "per_class.png"))
         if rec["stats_file"] and Path(rec["stats_file"]).is_file():
             mlflow.log_artifact(rec["stats_file"], artifact_path="class_stats")
+        if (out / CLASS_TEXT_FILE).is_file():
+            mlflow.log_artifact(str(out / CLASS_TEXT_FILE))
         uri = log_model(out / "head.npz", out / outputs.META_FILE)
         if rec.get("registered_model"):
             # MLflow prints its own "Created version" lines; raylt's summary names the version.
