@@ -12,6 +12,13 @@ processes and shared-memory object store count. Data generation is not timed.
     python bench/scale.py                                   # 8,142 classes, D = 768, the default recipe
     python bench/scale.py --grid                            # classes 2,036 / 4,071 / 8,142 at D = 768, D 256 / 512 at 2,036
     python bench/scale.py --classes 2036 --dim 512 --epochs 30
+    python bench/scale.py --text scenes                     # with class names (--class-text): text prior, ensemble
+
+With `--text` the generator's class-name view (raylt.testing.simulate.TEXT_SETTINGS) is written
+beside the shards as a Parquet file of (label, embedding) rows and passed as `--class-text`.
+The held-out rows are the only evaluation split, so the offsets, the temperature and the
+ensemble's weight are chosen on a holdout of the train split (`head.holdout`), and the head is
+fitted again on all of it: `holdout_s` is that first fit.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raylt.testing.simulate import LatentSpec, clip_like, inat_like_profile  # noqa: E402
+from raylt.testing.simulate import TEXT_SETTINGS, LatentSpec, generate, inat_like_profile  # noqa: E402
 
 GRID = [(2036, 768), (4071, 768), (8142, 768), (2036, 256), (2036, 512)]
 
@@ -62,13 +69,18 @@ def biggest_processes(n: int = 4) -> list[tuple[str, int]]:
     return sorted(out, key=lambda t: -t[1])[:n]
 
 
-def write_shards(classes: int, dim: int, folder: Path, rows_per_shard: int = 65_536) -> tuple[int, int]:
+def write_shards(classes: int, dim: int, folder: Path, text: str | None = None,
+                 rows_per_shard: int = 65_536) -> tuple[int, int]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from raylt.embed.store import embedding_table
 
     counts = inat_like_profile(classes)
-    x, y, s = clip_like(counts, eval_per_class=3, spec=LatentSpec(dim=dim))
+    (x, y, s), _, *names = generate("clip_like", counts, 3, LatentSpec(dim=dim), text=text)
+    if names:  # beside the shards, not among them: the embeddings reader takes every .parquet below
+        pq.write_table(pa.table({"label": np.arange(classes), "embedding": list(names[0].astype(np.float32))}),
+                       folder.parent / "class_text.parquet")
     order = np.random.default_rng(0).permutation(len(y))  # shards mix classes, as a store's do
     folder.mkdir(parents=True)
     for i, lo in enumerate(range(0, len(y), rows_per_shard)):
@@ -111,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", action="store_true", help="the five sizes of docs/BENCHMARKS.md")
     ap.add_argument("--work", type=Path, default=Path("/tmp/raylt-scale"))
     ap.add_argument("--keep", action="store_true", help="keep the generated embeddings and outputs")
+    ap.add_argument("--text", choices=list(TEXT_SETTINGS), help="class names' text view (default: none)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
     sizes = GRID if args.grid else [(args.classes, args.dim)]
@@ -118,19 +131,22 @@ def main(argv=None) -> int:
         from raylt.config import load_config
 
         args.epochs = load_config(None, args.overrides).train.epochs
-    print("| classes | D | train rows | eval rows | epochs | stats s | train s | wall s | peak memory GB | top-1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| classes | D | train rows | eval rows | epochs | stats s | holdout s | train s | wall s | peak memory GB "
+          "| top-1 | zero-shot top-1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for classes, dim in sizes:
         work = args.work / f"c{classes}-d{dim}"
         shutil.rmtree(work, ignore_errors=True)
         # Generated in a child process, so that none of its memory is held during the run.
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            n_train, n_eval = pool.apply(write_shards, (classes, dim, work / "embeddings"))
-        r = run_fit(work / "embeddings", work / "out", args.epochs, args.overrides)
+            n_train, n_eval = pool.apply(write_shards, (classes, dim, work / "embeddings", args.text))
+        text = ["--class-text", str(work / "class_text.parquet")] if args.text else []
+        r = run_fit(work / "embeddings", work / "out", args.epochs, [*text, *args.overrides])
         sec = r["metrics"]["seconds"]
+        zs = r["metrics"].get("zero_shot", {}).get("overall")
         print(f"| {classes:,} | {dim} | {n_train:,} | {n_eval:,} | {args.epochs} | {sec['stats_s']:.1f} | "
-              f"{sec['train_s']:.1f} | {r['wall_s']:.1f} | {r['peak_gb']:.2f} | {r['metrics']['overall']:.4f} |",
-              flush=True)
+              f"{sec.get('holdout_s', 0):.1f} | {sec['train_s']:.1f} | {r['wall_s']:.1f} | {r['peak_gb']:.2f} | "
+              f"{r['metrics']['overall']:.4f} | {'-' if zs is None else f'{zs:.4f}'} |", flush=True)
         peak = r["at_peak"]
         top = ", ".join(f"{name} {b / 1e9:.2f}" for name, b in peak["processes"])
         print(f"  at the peak ({peak['seconds']:.0f} s in): shared memory {peak['shared'] / 1e9:.2f} GB; "

@@ -30,6 +30,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. embed.batch_size=64")
 
 
+def _class_text_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class-text", help="Parquet file (label, embedding): the classes' CLIP text embeddings, for the "
+                                        "text prior, the zero-shot ensemble and the zero-shot row (rows of a label "
+                                        "are averaged)")
+
+
 def cmd_config(args) -> int:
     from raylt.config import dump_yaml, load_config
 
@@ -121,17 +127,22 @@ def cmd_fit(args) -> int:
     out = Path(args.out).expanduser().resolve()
     check_fits(cfg, out, args.baseline)
     es = open_embeddings(args.embeddings, args.class_names, cfg.store.staging)
-    text = None
-    if args.class_text:
-        from raylt.embed.class_text import read_class_text
-
-        text = read_class_text(args.class_text, es.class_names, es.dim)
+    text = _class_text(args, es)
     from raylt.pipeline import fit  # Ray Train and torch only once the inputs are valid: bad input fails at once
     results = [fit(cfg, es, out, class_text=text)]
     if args.baseline:
         results.append(fit(baseline_config(cfg), es, out / "baseline", run_name="baseline"))
     _summary(cfg, results)
     return 0
+
+
+def _class_text(args, es):
+    """`--class-text` read for the classes of `es`, or None."""
+    if not args.class_text:
+        return None
+    from raylt.embed.class_text import read_class_text
+
+    return read_class_text(args.class_text, es.class_names, es.dim)
 
 
 def _embeddings_of(args, cfg):
@@ -159,7 +170,7 @@ def cmd_ablate(args) -> int:
     es = _embeddings_of(args, cfg)
     out = _out_dir(args, cfg, "ablation")
     names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else None
-    rows = ablate(cfg, es, out, names, args.parallel)
+    rows = ablate(cfg, es, out, names, args.parallel, _class_text(args, es))
     print(markdown(rows))
     print(f"report: {out / 'ablation.md'}, {out / 'ablation.png'}")
     return 0
@@ -309,8 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (see configs/); defaults if omitted")
     p.add_argument("--class-names", help="text file, one class name per line in label order")
     p.add_argument("--baseline", action="store_true", help="also fit the plain CE head on real embeddings and compare")
-    p.add_argument("--class-text", help="Parquet file (label, embedding): the classes' CLIP text embeddings, for the "
-                                        "text prior and the zero-shot ensemble (rows of a label are averaged)")
+    _class_text_arg(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. sampler.target=200")
     p.set_defaults(fn=cmd_fit)
     p = sub.add_parser("ablate", help="every long-tail method on the same embeddings, side by side (MLflow child runs)")
@@ -318,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", help="Parquet file or folder or a store; default: embed the config's data set")
     p.add_argument("--class-names", help="text file, one class name per line in label order")
     p.add_argument("--out", help="output folder (default: <train.output_dir>/<name>/ablation)")
+    _class_text_arg(p)
     p.add_argument("--recipes", help="comma-separated subset, e.g. ce,default,ip_dpp (default: all, then best)")
     p.add_argument("--parallel", type=int, default=0, help="fits at once (default: as many as the CPUs hold)")
     p.set_defaults(fn=cmd_ablate)

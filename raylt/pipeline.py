@@ -32,8 +32,10 @@ from raylt.head.calibration import expected_calibration_error
 from raylt.head.evaluate import evaluate, plot_per_class, write_metrics
 from raylt.head.fit_ray import fit_ray, head_job, workers_of
 from raylt.head.recipe import HeadRecipe
-from raylt.head.rows import head_rows, initial_weights, target_text
+from raylt.head.text import zero_shot_head
+from raylt.head.rows import head_rows, held_rows, initial_weights, target_text
 from raylt.latent.stats_ray import class_stats, files_key
+from raylt.longtail import GROUPS
 from raylt.methods.bns_ray import adapt
 from raylt.methods.recipes import baseline_config, is_on, recipe_label
 from raylt.ops.cluster import join_cluster
@@ -80,8 +82,10 @@ def fit(cfg: RayltConfig, es: EmbeddingSet, out: Path, run_name: str = "fit",
     with file_lock(out / ".lock", f"output folder {out}", wait=False,
                    hint="wait for that run to end, or pick another `name` (or --out)"):
         metrics, run_id, uri = _fit_locked(cfg, es, out, run_name, parent_run_id, class_text)
-    log.info("metrics: overall %.4f, many %s, medium %s, few %s -> %s", metrics["overall"],
-             *(_fmt(metrics[g]) for g in ("many", "medium", "few")), out / "metrics.json")
+    zs = metrics.get("zero_shot")
+    log.info("metrics: overall %.4f, many %s, medium %s, few %s%s -> %s", metrics["overall"],
+             *(_fmt(metrics[g]) for g in ("many", "medium", "few")),
+             f" (zero-shot CLIP: overall {zs['overall']:.4f}, few {_fmt(zs['few'])})" if zs else "", out / "metrics.json")
     return FitResult(out, metrics, run_id, uri)
 
 
@@ -106,19 +110,25 @@ def _fit_locked(cfg: RayltConfig, raw: EmbeddingSet, out: Path, run_name: str,
             text = target_text(cfg, raw, class_text)
             if text is not None:  # beside the head, and logged with it: what its prior and ensemble used
                 np.save(out / CLASS_TEXT_FILE, text)
-            plan = est.plan(moments, es.train_counts, es.dim, rows.real_counts, initial_weights(cfg, rows.names),
-                            rows.neighbours, text)
+            init = initial_weights(cfg, rows.names)
+        with _timed(times, "holdout_s"):
+            chosen = _holdout_choices(cfg, est, es, out, workers, text, init, adapter is not None, rows)
+        with _timed(times, "train_s"):
+            plan = est.plan(moments, es.train_counts, es.dim, rows.real_counts, init, rows.neighbours, text)
             del moments  # the views on the reduce's result: only what is built from them is kept
             log.info("training stream per epoch: %d real + %d synthetic embeddings, %d classes (%d auxiliary)",
                      plan.real_counts.sum(), plan.syn_counts.sum(), plan.num_classes,
                      plan.num_classes - plan.num_targets)
             val = RowSource(es.files, es.dim, "val") if _has(es, "val") else None
             state = fit_ray(cfg, head_job(est, plan, list(rows.sources), rows.steps, val, target, workers), out)
-        art, chosen = est.finish(state, plan, _tuning_split(raw), adapter, no_val=_NO_VAL)
+        art, chosen = est.finish(state, plan, _tuning_split(raw), adapter, no_val=_NO_VAL, chosen=chosen)
         art.save(out / "head.npz")
         extra = {**rows.metrics, "real_per_epoch": int(plan.real_counts.sum()),
                  "synthetic_per_epoch": int(plan.syn_counts.sum()), **chosen}
         metrics = {**_evaluate(raw, art), **extra, "seconds": {k: round(v, 3) for k, v in times.items()}}
+        if text is not None:  # the floor: zero-shot CLIP on the same split, from the same class text
+            zs = _evaluate(raw, zero_shot_head(text))
+            metrics["zero_shot"] = {k: zs[k] for k in ("overall", *GROUPS)}
         write_metrics(metrics, out / "metrics.json")
         plot_per_class(metrics, out / "per_class.png", f"{cfg.name}: {recipe_label(cfg)}")
         uri = tracking.log_fit(metrics, out) if run is not None else None
@@ -137,19 +147,54 @@ def _class_statistics(cfg: RayltConfig, est: HeadRecipe, es: EmbeddingSet, out: 
     return moments, stats_file
 
 
-_NO_VAL = "off: no val split apart from the evaluation split"
+_NO_VAL = "off: no val split apart from the evaluation split, and no holdout"
+
+
+def _holdout_choices(cfg: RayltConfig, est: HeadRecipe, es: EmbeddingSet, out: Path, workers: int,
+                     text, init, adapted: bool, rows) -> dict | None:
+    """Without a val split: the post-hoc tau, temperature and ensemble weight chosen on a
+    fit of the same recipe (through Ray Train, checkpoints in `out/holdout`) that holds out
+    `head.holdout` of each train class with 5+ embeddings; None when there is a val split,
+    nothing to choose, or no holdout."""
+    if _has_tuning_split(es) or not est.chooses(text):
+        return None
+    if rows.neighbours is not None:  # auxiliary rows are chosen against all of the train split
+        log.info("holdout: off with auxiliary classes; post-hoc choices need a val split")
+        return None
+    x, y = read_split(es, "train")
+    held = est.held_out(y, es.num_classes)
+    if held is None:
+        log.info("holdout: off (head.holdout %g, or no class with 5 train embeddings)", cfg.head.holdout)
+        return None
+    log.info("holdout: no val split; %d train embeddings (%g of each class with 5+) held out to choose the "
+             "post-hoc offsets, temperature and ensemble weight, then the head is fitted on all of them",
+             held.sum(), cfg.head.holdout)
+    if adapted:  # the ensemble is off after an adapter (HeadRecipe.finish): nothing to choose for it
+        est = HeadRecipe(**{**est.get_params(), "text_ensemble": False})
+    (kx, ky), val = (x[~held], y[~held]), (x[held], y[held])
+    del x, y  # the driver holds the train split once
+    part = held_rows(cfg, kx, ky, es.num_classes, workers)
+    plan = est.plan(est.moments_of(kx, ky, es.num_classes), np.bincount(ky, minlength=es.num_classes), es.dim,
+                    part.real_counts, init, None, text)
+    del kx, ky
+    state = fit_ray(cfg, head_job(est, plan, list(part.sources), part.steps, None, None, workers), out / "holdout")
+    _, info = est.finish(state, plan, val, val_name="the holdout")
+    return {**est.held_choices(info), "holdout_rows": int(held.sum())}
 
 
 def _has(es: EmbeddingSet, split: str) -> bool:
     return es.counts.get(split, np.zeros(1)).sum() > 0
 
 
+def _has_tuning_split(es: EmbeddingSet) -> bool:
+    """A val split apart from the evaluation split: choosing on the split that is reported
+    would flatter it."""
+    return _has(es, "val") and eval_split(es) != "val"
+
+
 def _tuning_split(es: EmbeddingSet):
-    """(embeddings, labels) of the val split the offsets and the temperature are chosen on, or
-    None: choosing on the split that is reported would flatter it."""
-    if not _has(es, "val") or eval_split(es) == "val":
-        return None
-    return read_split(es, "val")
+    """(embeddings, labels) of the val split the offsets and the temperature are chosen on, or None."""
+    return read_split(es, "val") if _has_tuning_split(es) else None
 
 
 def _evaluate(es: EmbeddingSet, head: HeadArtifact) -> dict:
@@ -165,7 +210,7 @@ def _evaluate(es: EmbeddingSet, head: HeadArtifact) -> dict:
 def _timed(times: dict, key: str):
     t0 = time.perf_counter()
     yield
-    times[key] = time.perf_counter() - t0
+    times[key] = times.get(key, 0.0) + time.perf_counter() - t0
 
 
 def _fmt(v) -> str:

@@ -27,11 +27,15 @@ def test_default_recipe_beats_the_plain_ce_head_on_few_shot_classes(demo_run):
     assert recipe.metrics["few"] > baseline.metrics["few"] + 0.1, (recipe.metrics, baseline.metrics)
     assert recipe.metrics["overall"] > baseline.metrics["overall"]
     assert recipe.metrics["synthetic_per_epoch"] > 0 and baseline.metrics["synthetic_per_epoch"] == 0
-    # the demo has no val split apart from its test split: no tau is chosen on what is reported
-    assert recipe.metrics["posthoc_tau"] == 0.0 and recipe.metrics["posthoc_from"].startswith("off: no val split")
+    # The demo has no val split apart from its test split: nothing is chosen on what is
+    # reported. Tau and the temperature come from a fit that held out a fifth of each train
+    # class with 5+ images (its own Ray Train checkpoints), then the head is fitted on all.
+    m, train = recipe.metrics, np.array(recipe.metrics["train_counts"])
+    assert m["posthoc_from"] == "holdout" and m["temperature_from"] == "holdout" and m["temperature"] > 0
+    assert m["holdout_rows"] == sum(int(n * 0.2) for n in train if n >= 5) and 0 < m["holdout_balanced"] <= 1
+    assert (recipe.out / "holdout" / "train").is_dir()
     assert "posthoc" not in baseline.metrics  # the plain head has no offsets
-    assert recipe.metrics["temperature"] == 1.0 and recipe.metrics["temperature_from"].startswith("off")
-    assert 0.0 <= recipe.metrics["ece"] <= 1.0
+    assert 0.0 <= m["ece"] <= 1.0
 
 
 def test_metrics_file_and_mlflow_run_agree(demo_run):
@@ -45,7 +49,8 @@ def test_metrics_file_and_mlflow_run_agree(demo_run):
     run = client.get_run(recipe.run_id)
     assert run.data.metrics["test_overall"] == pytest.approx(on_disk["overall"])
     assert run.data.metrics["test_few"] == pytest.approx(on_disk["few"])
-    assert run.data.metrics["test_ece"] == pytest.approx(on_disk["ece"]) and run.data.metrics["temperature"] == 1.0
+    assert run.data.metrics["test_ece"] == pytest.approx(on_disk["ece"]) and run.data.metrics["temperature"] == pytest.approx(on_disk["temperature"])
+    assert run.data.metrics["holdout_rows"] == on_disk["holdout_rows"] > 0
     assert run.data.params["sampler.name"] == "gaussian"
     history = client.get_metric_history(recipe.run_id, "train_loss")
     assert [m.step for m in history] == list(range(cfg.train.epochs))  # one per epoch, from rank 0
@@ -257,6 +262,8 @@ def test_a_run_with_a_text_tower_computes_caches_logs_and_reuses_the_class_text(
 
     import mlflow
 
+    from raylt.cli import main
+    from raylt.head.text import zero_shot_logits
     from raylt.pipeline import run
 
     def cfg(out: str):
@@ -273,13 +280,27 @@ def test_a_run_with_a_text_tower_computes_caches_logs_and_reuses_the_class_text(
     text = np.load(first.out / "class_text.npy")
     assert text.shape == (4, 32) and np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-5)
     assert np.array_equal(np.load(cached), text)
-    # Four classes teach no map (the prior is off), and a train/test data set has no val rows
-    # to weigh the ensemble on: both say so.
-    assert first.metrics["text_prior"].startswith("off:") and first.metrics["text_ensemble"].startswith("off:")
+    # Four classes teach no map (the prior is off, and says so); a train/test data set has no
+    # val rows: the ensemble's weight is chosen on a holdout of the train split.
+    assert first.metrics["text_prior"].startswith("off:") and first.metrics["text_ensemble"] == "holdout"
+    assert first.metrics["text_ensemble_weight"] >= 0 and 0 <= first.metrics["holdout_balanced_zero_shot"] <= 1
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert "class_text.npy" in {a.path for a in client.list_artifacts(first.run_id)}
+    # The floor: zero-shot CLIP from that text on the same test split, in the metrics and MLflow.
+    zs = first.metrics["zero_shot"]
+    x, y = read_split(open_embeddings(cached.parent.parent), "test")
+    assert zs["overall"] == pytest.approx((zero_shot_logits(x, text).argmax(1) == y).mean())
+    assert client.get_run(first.run_id).data.metrics["test_zero_shot_overall"] == pytest.approx(zs["overall"])
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="raylt.head.rows"):
         (second,) = run(cfg("b"))
     assert f"class text: reused {cached}" in caplog.text and "through the text tower" not in caplog.text
     assert np.array_equal(np.load(second.out / "class_text.npy"), text)
+    # `raylt report` shows the floor once, beside the runs that share it.
+    assert main(["report", first.run_id, second.run_id, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "--out", str(tmp_path / "report")]) == 0
+    lines = (tmp_path / "report" / "report.md").read_text().splitlines()
+    assert [ln for ln in lines if "zero-shot" in ln] == [f"| zero-shot CLIP | {zs['overall']:.3f} | "
+                                                         + " | ".join("-" if zs[g] is None else f"{zs[g]:.3f}"
+                                                                      for g in ("many", "medium", "few"))
+                                                         + " | - | - |"]

@@ -183,6 +183,10 @@ class HeadConfig:
     # null: tau chosen on the val split's balanced accuracy (0 without a val split apart from the evaluation split)
     posthoc_tau: float | None = None
     calibrate: bool = True  # divide the logits by a temperature fitted on the val split (probabilities only; top-1 unchanged)
+    # Without a val split: the share of each train class (of 5+ images) held out, with the seed,
+    # to choose the post-hoc tau, the temperature and the ensemble weight on a fit of the rest;
+    # the head is then refitted on the whole train split. 0: those stay off without a val split.
+    holdout: float = field(default=0.2, metadata=_min(0, 0.5))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ is raylt's default recipe, and `best` is composed afterwards from the single met
 beat the plain head: the best loss, the best sampler, and each of selection, adapter and
 auxiliary classes that helped on its own.
 
+With class text (a backbone with a text tower, or `class_text`), the text recipes run and
+zero-shot CLIP is a row of its own, computed on the same split by the fits that use the text;
+without it they are skipped, and say so.
+
 Every recipe is one `pipeline.fit` in its own Ray task and folder (`<out>/<recipe>/`), at
 most `parallel` at a time, logged as an MLflow child run of one parent run. Output, in
 `<out>` and on the parent run: `ablation.md` (the table: overall, many, medium, few, fit
@@ -47,11 +51,18 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "bns": ("BNS adapter before the head (arXiv 2510.08836)", {"adapter": {"name": "bns"}}),
     "auxiliary": ("auxiliary classes, neighbour silencing (arXiv 2410.15980)", {"auxiliary": "from_config"}),
     "posthoc": ("post-hoc offsets tau / n_c, tau chosen on val", {"head": {"posthoc": "count"}}),
-    "default": ("raylt default: Gaussian sampler + logit adjustment + post-hoc offsets",
-                {"sampler": {"name": "gaussian"}, "head": {"loss": "logit_adjusted", "posthoc": "count"}}),
+    "text_prior": ("Gaussian sampler, class means shrunk toward the class text's prior",
+                   {"sampler": {"name": "gaussian"}, "head": {"text_prior": True}}),
+    "text_ensemble": ("zero-shot CLIP's logits added, their weight chosen on val", {"head": {"text_ensemble": True}}),
+    "default": ("raylt default: Gaussian sampler (text prior) + logit adjustment + post-hoc offsets + zero-shot "
+                "ensemble", {"sampler": {"name": "gaussian"}, "head": {"loss": "logit_adjusted", "posthoc": "count",
+                                                                     "text_prior": True, "text_ensemble": True}}),
 }
-LOSS_RECIPES, SAMPLER_RECIPES = ("ce", "logit_adjusted", "balanced_softmax"), ("gaussian", "free_lunch")
-ADD_ONS = ("ip_dpp", "bns", "auxiliary", "posthoc")
+LOSS_RECIPES, SAMPLER_RECIPES = ("ce", "logit_adjusted", "balanced_softmax"), ("gaussian", "free_lunch", "text_prior")
+ADD_ONS = ("ip_dpp", "bns", "auxiliary", "posthoc", "text_ensemble")
+TEXT_RECIPES = ("text_prior", "text_ensemble")  # need the classes' text
+# A row of the table that is no fit: the floor every recipe is held to (from a fit's metrics).
+ZERO_SHOT = ("zero_shot", "zero-shot CLIP: the class names' text embeddings, no training")
 
 
 def recipe_config(base: RayltConfig, changes: dict) -> RayltConfig:
@@ -80,11 +91,16 @@ def best_changes(results: dict[str, dict]) -> tuple[dict, list[str]]:
     return changes, parts
 
 
-def choose(names: list[str] | None, cfg: RayltConfig) -> list[str]:
+def choose(names: list[str] | None, cfg: RayltConfig, has_text: bool = True) -> list[str]:
     chosen = list(names or RECIPES) + (["best"] if not names else [])
     unknown = [n for n in chosen if n not in RECIPES and n != "best"]
     if unknown:
         raise ConfigError(f"unknown ablation recipe(s) {unknown}; choose from {', '.join(RECIPES)}, best")
+    skipped = [n for n in chosen if n in TEXT_RECIPES and not has_text]
+    if skipped:
+        log.warning("ablation: recipe(s) %s skipped: no class text (a backbone with a text tower, or --class-text)",
+                    ", ".join(skipped))
+        chosen = [n for n in chosen if n not in skipped]
     if "auxiliary" in chosen and not is_on(recipe_config(cfg, RECIPES["auxiliary"][1]), "auxiliary"):
         log.warning("ablation: recipe 'auxiliary' skipped: set auxiliary.embeddings to a second labelled corpus")
         chosen.remove("auxiliary")
@@ -93,20 +109,21 @@ def choose(names: list[str] | None, cfg: RayltConfig) -> list[str]:
     return chosen
 
 
-def _fit_task(cfg, es, out, name, parent):
-    r = fit(cfg, es, out, run_name=name, parent_run_id=parent)
+def _fit_task(cfg, es, out, name, parent, class_text=None):
+    r = fit(cfg, es, out, run_name=name, parent_run_id=parent, class_text=class_text)
     return {k: r.metrics.get(k) for k in COLUMNS} | {"seconds": sum(r.metrics["seconds"].values()),
-                                                    "run_id": r.run_id}
+                                                    "run_id": r.run_id, "zero_shot": r.metrics.get("zero_shot")}
 
 
-def _run_parallel(jobs: list[tuple[str, RayltConfig]], es: EmbeddingSet, out: Path, parent, parallel: int):
+def _run_parallel(jobs: list[tuple[str, RayltConfig]], es: EmbeddingSet, out: Path, parent, parallel: int,
+                  class_text=None):
     """Fit every (name, config) in Ray tasks, at most `parallel` at once; name -> results."""
     task = ray.remote(num_cpus=0)(_fit_task)  # it only waits: its trainer's workers hold the CPUs
     pending, results, queue = {}, {}, list(jobs)
     while queue or pending:
         while queue and len(pending) < parallel:
             name, cfg = queue.pop(0)
-            pending[task.remote(cfg, es, out / name, name, parent)] = name
+            pending[task.remote(cfg, es, out / name, name, parent, class_text)] = name
         done, _ = ray.wait(list(pending), num_returns=1)
         name = pending.pop(done[0])
         results[name] = ray.get(done[0])
@@ -114,9 +131,15 @@ def _run_parallel(jobs: list[tuple[str, RayltConfig]], es: EmbeddingSet, out: Pa
     return results
 
 
-def ablate(cfg: RayltConfig, es: EmbeddingSet, out: Path, names: list[str] | None = None, parallel: int = 0) -> dict:
-    """Run the recipes; the table rows (recipe -> metrics), also written to `out`."""
-    chosen = choose(names, cfg)
+def ablate(cfg: RayltConfig, es: EmbeddingSet, out: Path, names: list[str] | None = None, parallel: int = 0,
+           class_text=None) -> dict:
+    """Run the recipes; the table rows (recipe -> metrics), also written to `out`.
+    `class_text` [C, D]: the classes' text embeddings (default: the store's backbone's)."""
+    from raylt.head.rows import target_text
+
+    # Computed (and cached in the store) once, here, rather than by each fit at once.
+    text = target_text(dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, text_ensemble=True)), es, class_text)
+    chosen = choose(names, cfg, text is not None)
     init_ray(cfg.ray)
     if not parallel:
         # A fit keeps about two CPUs busy per train worker (the worker, plus Ray Data, the
@@ -130,13 +153,18 @@ def ablate(cfg: RayltConfig, es: EmbeddingSet, out: Path, names: list[str] | Non
     with tracking.start_run(cfg, "ablation") as run:
         parent = run.info.run_id if run is not None else None
         singles = [(n, recipe_config(cfg, RECIPES[n][1])) for n in chosen if n != "best"]
-        results = _run_parallel(singles, es, out, parent, parallel)
+        results = _run_parallel(singles, es, out, parent, parallel, class_text)
         if "best" in chosen:
             changes, parts = best_changes(results)
             log.info("ablation: best combination of %s", " + ".join(parts))
-            results |= _run_parallel([("best", recipe_config(cfg, changes))], es, out, parent, 1)
+            results |= _run_parallel([("best", recipe_config(cfg, changes))], es, out, parent, 1, class_text)
             results["best"]["from"] = parts
         rows = {n: results[n] for n in chosen}
+        zero_shot = next((r.pop("zero_shot") for r in rows.values() if r.get("zero_shot")), None)
+        for r in rows.values():
+            r.pop("zero_shot", None)
+        if zero_shot:
+            rows[ZERO_SHOT[0]] = {**zero_shot, "seconds": 0.0, "run_id": None}
         write_report(rows, out)
         if run is not None:
             metrics = {f"{n}.{k}": float(v[k]) for n, v in rows.items() for k in COLUMNS if v.get(k) is not None}
@@ -148,7 +176,8 @@ def ablate(cfg: RayltConfig, es: EmbeddingSet, out: Path, names: list[str] | Non
 def markdown(rows: dict) -> str:
     table = []
     for n, v in rows.items():
-        what = RECIPES[n][0] if n in RECIPES else "best combination: " + " + ".join(v.get("from", []))
+        what = (RECIPES[n][0] if n in RECIPES else ZERO_SHOT[1] if n == ZERO_SHOT[0] else
+                "best combination: " + " + ".join(v.get("from", [])))
         table.append([n, *accuracy_cells(v), f"{v['seconds']:.0f}", what])
     return tables.markdown(["recipe", *COLUMNS, "fit s", "what"], table)
 

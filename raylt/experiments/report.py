@@ -3,7 +3,8 @@
 Input: run ids, or an experiment (its latest finished runs). Output: one row per run with
 test top-1 overall / many / medium / few, the run's wall time and the config values in which
 it differs from the others (params), as a Markdown table (`report.md`) and grouped bars
-(`report.png`, the ablation's plot).
+(`report.png`, the ablation's plot). Runs that had class text carry zero-shot CLIP's scores on
+the same split: they are a row of their own (one per distinct value), the floor of the others.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def rows(runs: list) -> list[dict]:
                "differs": {k: r.data.params.get(k, "-") for k in differ}}
         row.update({k: m.get(f"test_{k}") for k in COLUMNS})
         out.append(row)
+    floors: dict[tuple, str] = {}
+    for r, row in zip(runs, out):
+        zs = tuple(r.data.metrics.get(f"test_zero_shot_{k}") for k in COLUMNS)
+        if zs[0] is not None:
+            floors.setdefault(zs, row["label"])
+    for zs, label in floors.items():
+        out.append({"label": f"zero-shot CLIP (data of {label})" if len(floors) > 1 else "zero-shot CLIP",
+                    "run_id": None, "seconds": None, "differs": {}, **dict(zip(COLUMNS, zs))})
     return out
 
 

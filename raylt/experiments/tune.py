@@ -11,7 +11,7 @@ by `LongTailHead` (raylt.head.estimator): the one recipe (raylt.head.recipe) tha
 runs too (post-hoc offsets, temperature and selection included), on embeddings held in
 the object store once: a trial costs seconds. Trials are scored by the class-balanced accuracy
 (the long-tail metric) of the `val` split, or, without one, of a stratified holdout of the
-train split (`HOLDOUT` of each class with at least `HOLDOUT_MIN` images); ties go to the lower
+train split (`head.holdout` of each class with at least `HOLDOUT_MIN` images); ties go to the lower
 val negative log-likelihood, then to the earlier trial. Test is only reported. The BNS adapter
 and auxiliary classes need Ray stages of their own: a config with either on is refused
 (`raylt ablate` compares them). Each trial is an MLflow child run of one parent run.
@@ -42,11 +42,13 @@ from ray import tune
 from raylt import tracking
 from raylt.choices import check_names
 from raylt.config import RayltConfig, dump_yaml, override
+from raylt.config.schema import HeadConfig
 from raylt.embed.inputs import EmbeddingSet, eval_split, read_split
 from raylt.errors import ConfigError, DataError
 from raylt.experiments import tables
 from raylt.experiments.tables import COLUMNS, cell
 from raylt.head.evaluate import evaluate
+from raylt.head.posthoc import HOLDOUT_MIN, holdout
 from raylt.head.estimator import LongTailHead
 from raylt.methods.recipes import is_on
 from raylt.ops.cluster import cluster_cpus, init_ray
@@ -55,7 +57,6 @@ from raylt.registry import Registry
 
 log = logging.getLogger(__name__)
 
-HOLDOUT, HOLDOUT_MIN = 0.2, 5
 
 SPACES: Registry[Callable[[list], Any]] = Registry("search-space distribution")
 
@@ -109,19 +110,6 @@ def check_space(cfg: RayltConfig, space: dict, source: str) -> dict:
     return tune_space
 
 
-def holdout(y: np.ndarray, num_classes: int, seed: int, fraction: float = HOLDOUT,
-            min_count: int = HOLDOUT_MIN) -> np.ndarray:
-    """Rows held out for validation: `fraction` of each class with at least `min_count` rows
-    (rarer classes keep every row for training), chosen with `seed`."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros(len(y), bool)
-    for c in range(num_classes):
-        rows = np.flatnonzero(y == c)
-        if len(rows) >= min_count:
-            out[rng.choice(rows, int(len(rows) * fraction), replace=False)] = True
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class Data:
     """What every trial reads: train, validation and test arrays."""
@@ -142,13 +130,14 @@ def prepare(cfg: RayltConfig, es: EmbeddingSet) -> Data:
     if es.counts.get("val") is not None and es.counts["val"].sum() > 0:
         (xv, yv), val_from = read_split(es, "val"), "val"
     else:
-        held = holdout(y, es.num_classes, cfg.seed)
+        fraction = cfg.head.holdout or HeadConfig.holdout  # trials need rows to be scored on
+        held = holdout(y, es.num_classes, cfg.seed, fraction)
         if not held.any():
             raise ConfigError(f"embeddings under {es.path} have no val split and no class with {HOLDOUT_MIN} train "
                               "images to hold out; add a val split")
         xv, yv, x, y, val_from = x[held], y[held], x[~held], y[~held], "holdout"
         log.info("tune: no val split; %d train embeddings (%.0f%% of each class with >= %d) held out to score trials",
-                 held.sum(), 100 * HOLDOUT, HOLDOUT_MIN)
+                 held.sum(), 100 * fraction, HOLDOUT_MIN)
     try:
         xt, yt = read_split(es, eval_split(es))
     except DataError:  # no test split: trials are scored on val only

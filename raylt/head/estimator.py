@@ -38,13 +38,12 @@ class LongTailHead(ClassifierMixin, BaseEstimator, HeadRecipe):
     def fit(self, X, y, X_val=None, y_val=None, on_epoch=None, class_text=None):
         """Fit on embeddings X [N, D] with labels y [N] (any hashable labels); the offsets'
         tau, the zero-shot ensemble's weight and the temperature are chosen on (X_val, y_val)
-        when given, else switched off. `class_text`: the classes' CLIP text embeddings, [C, D]
+        when given, else on a fit that holds out `holdout` of each class with 5+ rows (then
+        the head is refitted on all of X), else switched off. `class_text`: the classes' CLIP text embeddings, [C, D]
         in the order of `classes_` (the sorted labels) or a mapping label -> vector; with it the
-        text prior (`text_prior`) and the zero-shot ensemble (`text_ensemble`) are used.
+        text prior (`text_prior`) and the zero-shot ensemble (`text_ensemble`) are used, and
+        `text_init` starts the head's weights at them.
         `on_epoch(epoch, module, stats)` is called after each epoch (a sweep logs there)."""
-        from raylt.latent.stats import class_moments
-        from raylt.latent.transforms import TRANSFORMS
-
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         cfg = self.config()  # every parameter validated before any work
@@ -52,18 +51,28 @@ class LongTailHead(ClassifierMixin, BaseEstimator, HeadRecipe):
         if len(self.classes_) < 2:
             raise ValueError(f"LongTailHead needs at least 2 classes in y; got 1 class ({self.classes_[0]!r})")
         self._check_unit_norm(X, cfg, "X")
+        val = self._val(X_val, y_val, cfg)
+        text = self._class_text(class_text, X.shape[1])
+        chosen = None
+        held = self.held_out(yi, len(self.classes_)) if val is None and self.chooses(text) else None
+        if held is not None:  # choose on a fit of the rest, then refit on every row
+            _, info = self._fit_rows(X[~held], yi[~held], cfg, text, (X[held], yi[held]), val_name="the holdout")
+            chosen = {**self.held_choices(info), "holdout_rows": int(held.sum())}
+        self.artifact_, self.fit_info_ = self._fit_rows(X, yi, cfg, text, val, on_epoch, chosen)
+        return self
+
+    def _fit_rows(self, X, yi, cfg, text, val, on_epoch=None, chosen=None, val_name="the val split"):
         c = len(self.classes_)
         counts = np.bincount(yi, minlength=c)
-        moments = {t: class_moments(TRANSFORMS[t][0](X), yi, c, cfg.stats.rank) for t in self.statistics(cfg)}
-        val = self._val(X_val, y_val, cfg)
+        moments = self.moments_of(X, yi, c)
         x, yr, keep, steps = X, yi, None, None
         if cfg.selection.name != "none":
             x, yr, keep, steps = self._selected(X, yi, cfg)
         real = np.bincount(yr[(keep & 1) == 1] if keep is not None else yr, minlength=c)
-        plan = self.plan(moments, counts, X.shape[1], real, text=self._class_text(class_text, X.shape[1]))
+        init = text if text is not None and cfg.head.text_init else None  # the head starts at the text classifier
+        plan = self.plan(moments, counts, X.shape[1], real, init, text=text)
         del moments
-        self.artifact_, self.fit_info_ = self._train(plan, x, yr, keep, steps, val, on_epoch)
-        return self
+        return self._train(plan, x, yr, keep, steps, val, on_epoch, chosen, val_name)
 
     def _class_text(self, class_text, dim: int):
         if class_text is None:
@@ -100,7 +109,7 @@ class LongTailHead(ClassifierMixin, BaseEstimator, HeadRecipe):
         rows = train_rows(X, yi, cfg.selection.name, cfg.selection.k, rounds, cfg.seed)
         return rows.x, rows.y, rows.keep, round_steps(rows, 1, cfg.train.batch_size)
 
-    def _train(self, plan: HeadPlan, x, y, keep, steps, val, on_epoch=None):
+    def _train(self, plan: HeadPlan, x, y, keep, steps, val, on_epoch=None, chosen=None, val_name="the val split"):
         import torch
 
         from raylt.latent.sampling import shared_tensor
@@ -114,7 +123,7 @@ class LongTailHead(ClassifierMixin, BaseEstimator, HeadRecipe):
             self.history_.append(dataclasses.asdict(st))
             if on_epoch is not None:
                 on_epoch(epoch, training.module, st)
-        return self.finish(training.module.state_dict(), plan, val)
+        return self.finish(training.module.state_dict(), plan, val, chosen=chosen, val_name=val_name)
 
     def _check_unit_norm(self, X, cfg, name: str) -> None:
         if cfg.sampler.name == "none" or not len(X):

@@ -5,7 +5,9 @@ The recipe: class statistics of the train embeddings -> calibrated class Gaussia
 sampler, raylt.latent.sampling) and the whitening (raylt.head.whiten) -> the head trained on
 real rows mixed with fresh synthetic rows every epoch, with the long-tail loss
 (raylt.head.loop, raylt.head.modules) -> post-hoc offsets tau f(n_c) chosen on the val rows
-(raylt.head.posthoc) -> a temperature fitted on them (raylt.head.calibration). The result is a
+(raylt.head.posthoc) -> a temperature fitted on them (raylt.head.calibration). Without val
+rows, those are chosen on a fit that holds out part of the train rows (`held_out`,
+`held_choices`), and the head is fitted again on all of them. The result is a
 `HeadArtifact`: what `head.npz` holds and the logged model serves.
 
 It is the one implementation of the recipe. `raylt.LongTailHead` (raylt.head.estimator) is
@@ -40,9 +42,11 @@ PARAMS: dict[str, str] = {
     "neighbours": "sampler.neighbours", "eps": "sampler.eps", "base_min": "sampler.base_min",
     "rank": "stats.rank",
     "selection": "selection.name", "selection_k": "selection.k", "selection_every": "selection.every",
-    "head": "head.name", "whiten_ridge": "head.whiten_ridge", "scale": "head.scale", "loss": "head.loss",
+    "head": "head.name", "whiten_ridge": "head.whiten_ridge", "scale": "head.scale", "text_init": "head.text_init",
+    "loss": "head.loss",
     "tau": "head.tau", "text_prior": "head.text_prior", "text_ensemble": "head.text_ensemble",
     "posthoc": "head.posthoc", "posthoc_tau": "head.posthoc_tau", "calibrate": "head.calibrate",
+    "holdout": "head.holdout",
     "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
     "weight_decay": "train.weight_decay", "precision": "train.precision",
     "seed": "seed",
@@ -66,6 +70,7 @@ class HeadPlan:
     neighbours: np.ndarray | None = None  # [num_classes, num_classes] bool: auxiliary classes' silencing mask
     text: np.ndarray | None = None  # [num_targets, D] class text embeddings (raylt.head.text), None: none
     prior: dict | None = None  # what the text prior of the class means was (metrics)
+    center: np.ndarray | None = None  # [D] mean of the raw class means: where zero-shot logits are centred
 
     @property
     def num_classes(self) -> int:
@@ -97,10 +102,10 @@ class HeadRecipe:
                  rank: int = StatsConfig.rank, selection: str = SelectionConfig.name,
                  selection_k: int = SelectionConfig.k, selection_every: int = SelectionConfig.every,
                  head: str = HeadConfig.name, whiten_ridge: float = HeadConfig.whiten_ridge,
-                 scale: float = HeadConfig.scale, loss: str = HeadConfig.loss, tau: float = HeadConfig.tau,
+                 scale: float = HeadConfig.scale, text_init: bool = HeadConfig.text_init, loss: str = HeadConfig.loss, tau: float = HeadConfig.tau,
                  text_prior: bool = HeadConfig.text_prior, text_ensemble: bool = HeadConfig.text_ensemble,
                  posthoc: str = HeadConfig.posthoc, posthoc_tau: float | None = HeadConfig.posthoc_tau,
-                 calibrate: bool = HeadConfig.calibrate, epochs: int = TrainConfig.epochs,
+                 calibrate: bool = HeadConfig.calibrate, holdout: float = HeadConfig.holdout, epochs: int = TrainConfig.epochs,
                  batch_size: int = TrainConfig.batch_size, lr: float = TrainConfig.lr,
                  weight_decay: float = TrainConfig.weight_decay, precision: str = TrainConfig.precision,
                  seed: int = 0, device: str = "cpu"):
@@ -108,8 +113,9 @@ class HeadRecipe:
         self.eps, self.base_min, self.rank = eps, base_min, rank
         self.selection, self.selection_k, self.selection_every = selection, selection_k, selection_every
         self.head, self.whiten_ridge, self.scale, self.loss, self.tau = head, whiten_ridge, scale, loss, tau
+        self.text_init = text_init
         self.text_prior, self.text_ensemble = text_prior, text_ensemble
-        self.posthoc, self.posthoc_tau, self.calibrate = posthoc, posthoc_tau, calibrate
+        self.posthoc, self.posthoc_tau, self.calibrate, self.holdout = posthoc, posthoc_tau, calibrate, holdout
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
         self.precision, self.seed, self.device = precision, seed, device
 
@@ -144,6 +150,14 @@ class HeadRecipe:
         wanted = [SAMPLERS.get(cfg.sampler.name).transform, "identity" if HEADS.get(cfg.head.name).whitened else None]
         return [t for t in dict.fromkeys(wanted) if t]
 
+    def moments_of(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
+        """{transform: class moments} that `plan` needs, of rows held in memory."""
+        from raylt.latent.stats import class_moments
+        from raylt.latent.transforms import TRANSFORMS
+
+        cfg = self.config()
+        return {t: class_moments(TRANSFORMS[t][0](x), y, num_classes, cfg.stats.rank) for t in self.statistics(cfg)}
+
     def plan(self, moments: Mapping, data_counts: np.ndarray, dim: int, real_counts: np.ndarray | None = None,
              init: np.ndarray | None = None, neighbours: np.ndarray | None = None,
              text: np.ndarray | None = None) -> HeadPlan:
@@ -171,7 +185,11 @@ class HeadRecipe:
         if gaussians is not None:
             syn[:c] = synthetic_counts(real[:c], cfg.sampler.target, gaussians.valid)
         text = None if text is None else np.asarray(text, np.float32)
-        return HeadPlan(dim, c, data_counts, real, syn, gaussians, whiten, init, neighbours, text, prior)
+        center = None
+        if text is not None and "identity" in moments:  # the raw space's moments (a whitened head, the Gaussian sampler)
+            raw = moments["identity"]
+            center = raw.means[: c][raw.counts[: c] > 0].mean(0)
+        return HeadPlan(dim, c, data_counts, real, syn, gaussians, whiten, init, neighbours, text, prior, center)
 
     def start(self, plan: HeadPlan, device="cpu", gaussians=None) -> Training:
         """A new head (the same on every rank: seeded), its loss, optimiser, schedule and
@@ -205,17 +223,50 @@ class HeadRecipe:
                             training.sampler, plan.syn_counts, cfg.seed, cfg.train, epochs, rank, world, steps, keep,
                             cfg.selection.every)
 
+    def chooses(self, text=None) -> bool:
+        """Whether `finish` chooses anything on held-out rows (post-hoc tau, temperature, the
+        ensemble's weight with class `text`): without a val split, a holdout fit is worth it."""
+        h = self.config().head
+        return ((h.posthoc != "none" and h.posthoc_tau is None) or h.calibrate
+                or (text is not None and h.text_ensemble))
+
+    def held_out(self, y: np.ndarray, num_classes: int) -> np.ndarray | None:
+        """The train rows a holdout fit holds out (`head.holdout` of each class with 5+ rows,
+        seeded), or None when it is off or no class has enough rows."""
+        from raylt.head.posthoc import holdout
+
+        cfg = self.config()
+        held = holdout(y, num_classes, cfg.seed, cfg.head.holdout)
+        return held if held.any() else None
+
     @staticmethod
-    def _ensemble(art: HeadArtifact, z, plan: HeadPlan, val, f):
+    def held_choices(info: dict) -> dict:
+        """What a holdout fit's `finish` chose, for the full fit's `finish(chosen=...)`, and
+        its holdout scores as `holdout_*` metrics."""
+        keep = {k: info[k] for k in ("text_ensemble_weight", "posthoc_tau", "temperature") if k in info
+                and info.get({"text_ensemble_weight": "text_ensemble", "posthoc_tau": "posthoc_from",
+                              "temperature": "temperature_from"}[k]) == "val"}
+        return {**keep, **{f"holdout_{k[4:]}": v for k, v in info.items() if k.startswith("val_")}}
+
+    @staticmethod
+    def _ensemble(art: HeadArtifact, z, plan: HeadPlan, val, f, chosen: dict, val_name: str):
         """(head, its val logits, what was chosen) with zero-shot CLIP's logits added at the
-        weight (and post-hoc tau) of the best balanced accuracy on `val`, folded into W."""
-        why = ("off: no val rows to choose its weight on" if val is None else
-               "off: a cosine head" if art.kind != "linear" else
-               "off: an adapter comes first" if art.adapter else None)
+        weight (and post-hoc tau) of the best balanced accuracy on `val`, or at the weight a
+        holdout fit chose (`chosen`), folded into W."""
+        why = ("off: a cosine head" if art.kind != "linear" else
+               "off: an adapter comes first" if art.adapter else
+               None if val is not None or "text_ensemble_weight" in chosen else
+               "off: no val rows to choose its weight on")
         if why:
             log.info("zero-shot ensemble %s", why.removeprefix("off: "))
             return art, z, {"text_ensemble": why}
-        zs = zero_shot_logits(val[0], plan.text)
+        if val is None:
+            alpha = float(chosen["text_ensemble_weight"])
+            w, b = fold_ensemble(art.weight, art.bias, plan.text, alpha, center=plan.center)
+            log.info("zero-shot ensemble: weight %.3g, as the holdout fit chose", alpha)
+            return (dataclasses.replace(art, weight=w.astype(np.float32), bias=b.astype(np.float32)), None,
+                    {"text_ensemble": "holdout", "text_ensemble_weight": alpha})
+        zs = zero_shot_logits(val[0], plan.text, center=plan.center)
         c = plan.num_targets
 
         def score(alpha: float) -> float:
@@ -227,52 +278,64 @@ class HeadRecipe:
 
         alphas = ensemble_weights(z, zs)
         scores = [score(a) for a in alphas]
+        plain = balanced_accuracy(zero_shot_logits(val[0], plan.text).argmax(1), val[1], c)  # the floor, uncentred
         best = int(np.argmax(scores))  # the first best: the smallest weight among ties
         alpha = float(alphas[best])
-        w, b = fold_ensemble(art.weight, art.bias, plan.text, alpha)
+        w, b = fold_ensemble(art.weight, art.bias, plan.text, alpha, center=plan.center)
         art = dataclasses.replace(art, weight=w.astype(np.float32), bias=b.astype(np.float32))
-        log.info("zero-shot ensemble: weight %.3g on the val split (balanced top-1 %.4f; head alone %.4f, "
-                 "zero-shot alone %.4f)", alpha, scores[best], scores[0],
-                 balanced_accuracy(zs.argmax(1), val[1], c))
+        log.info("zero-shot ensemble: weight %.3g on %s (balanced top-1 %.4f; head alone %.4f, "
+                 "zero-shot alone %.4f)", alpha, val_name, scores[best], scores[0], plain)
         return art, z + alpha * zs, {"text_ensemble": "val", "text_ensemble_weight": alpha,
-                                     "val_balanced_zero_shot": balanced_accuracy(zs.argmax(1), val[1], c)}
+                                     "val_balanced_zero_shot": plain}
 
     def finish(self, state: dict, plan: HeadPlan, val=None, adapter: dict | None = None,
-               no_val: str = "off: no val rows") -> tuple[HeadArtifact, dict]:
+               no_val: str = "off: no val rows", chosen: dict | None = None,
+               val_name: str = "the val split") -> tuple[HeadArtifact, dict]:
         """(the served head, what was chosen) from the trained head's state dict: its target
-        rows, then the post-hoc offsets and the temperature chosen on `val` = (embeddings,
-        labels), or switched off for the reason `no_val` when `val` is None."""
+        rows, then the zero-shot ensemble, the post-hoc offsets and the temperature chosen on
+        `val` = (embeddings, labels); when `val` is None, taken from `chosen` (`held_choices` of
+        a holdout fit), else switched off for the reason `no_val`. `val_name`: what the logs call `val`."""
         cfg = self.config()
+        chosen = chosen or {}
         art = HeadArtifact.from_state(state, cfg.head.name, cfg.head.scale, plan.num_targets, adapter)
         info: dict = dict(plan.prior or {})
         z = art.logits(val[0]) if val is not None else None
         f = offsets(cfg.head.posthoc, plan.data_counts)
         if plan.text is not None and cfg.head.text_ensemble:
-            art, z, chosen = self._ensemble(art, z, plan, val, f)
-            info.update(chosen)
+            art, z, picked = self._ensemble(art, z, plan, val, f, chosen, val_name)
+            info.update(picked)
         if f is not None:
             tau, source = cfg.head.posthoc_tau, "config"
-            if tau is None and val is None:
+            if tau is None and val is None and "posthoc_tau" in chosen:
+                tau, source = chosen["posthoc_tau"], "holdout"
+                log.info("post-hoc %s offsets: tau %g, as the holdout fit chose", cfg.head.posthoc, tau)
+            elif tau is None and val is None:
                 tau, source = 0.0, no_val
-                log.info("post-hoc %s offsets off: no val split to choose tau on apart from the evaluation split; "
-                         "set head.posthoc_tau, or add a val split", cfg.head.posthoc)
+                log.info("post-hoc %s offsets off: no val split to choose tau on apart from the evaluation split, "
+                         "and no holdout; set head.posthoc_tau or head.holdout, or add a val split", cfg.head.posthoc)
             elif tau is None:
                 tau, scores = choose_tau(z, val[1], f)
                 source = "val"
-                log.info("post-hoc %s offsets: tau %g on the val split (balanced top-1 %.4f, %.4f without)",
-                         cfg.head.posthoc, tau, scores[tau], scores[0.0])
+                log.info("post-hoc %s offsets: tau %g on %s (balanced top-1 %.4f, %.4f without)",
+                         cfg.head.posthoc, tau, val_name, scores[tau], scores[0.0])
             art = art.add_to_bias(tau * f)
             z = z + tau * f if z is not None else None
             info.update(posthoc=cfg.head.posthoc, posthoc_tau=float(tau), posthoc_from=source)
         if cfg.head.calibrate:
-            if val is None:
+            if val is None and "temperature" in chosen:
+                t = chosen["temperature"]
+                art = art.divide_logits(t)
+                log.info("temperature %.3f, as the holdout fit chose", t)
+                info.update(temperature=t, temperature_from="holdout")
+            elif val is None:
                 log.info("temperature off: no val split to fit it on apart from the evaluation split")
                 info.update(temperature=1.0, temperature_from=no_val)
             else:
                 t = fit_temperature(z, val[1])
                 art, z = art.divide_logits(t), z / t
-                log.info("temperature %.3f fitted on the val split", t)
+                log.info("temperature %.3f fitted on %s", t, val_name)
                 info.update(temperature=t, temperature_from="val")
+        info.update({k: v for k, v in chosen.items() if k.startswith("holdout_")})
         if val is not None and len(val[1]):
             info.update(val_balanced=balanced_accuracy(z.argmax(1), val[1], plan.num_targets),
                         val_top1=float((z.argmax(1) == val[1]).mean()), val_nll=mean_nll(z, val[1], 1.0))

@@ -83,6 +83,19 @@ def head_rows(cfg: RayltConfig, es: EmbeddingSet, adapter: dict | None, workers:
     return HeadRows(tuple(sources), steps, np.asarray(real), names, aux.neighbours if aux else None, extra)
 
 
+def held_rows(cfg: RayltConfig, x: np.ndarray, y: np.ndarray, num_classes: int, workers: int) -> HeadRows:
+    """The real rows of a holdout fit (raylt.head.recipe): the train rows left after the
+    holdout, from memory (without a copy unless a selection chooses among them, as in the
+    full fit; every epoch shuffles them in the worker)."""
+    if is_on(cfg, "selection"):
+        rows = train_rows(x, y, cfg.selection.name, cfg.selection.k, num_rounds(cfg.selection.every, cfg.train.epochs),
+                          cfg.seed)
+    else:
+        rows = TrainRows(x, y, np.ones(len(y), np.int64), 1)
+    return HeadRows(tuple(shard_refs(rows, workers)), round_steps(rows, max(workers, 1), cfg.train.batch_size),
+                    rows.counts(num_classes), (), None, {})
+
+
 def initial_weights(cfg: RayltConfig, names) -> np.ndarray | None:
     """The head's initial weights: CLIP text embeddings of the class names (head.text_init)."""
     return text_embeddings(cfg.backbone, list(names)) if cfg.head.text_init else None

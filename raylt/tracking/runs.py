@@ -277,8 +277,10 @@ def log_fit(metrics: dict, out: Path) -> str | None:
     final.update({k: v for k, v in metrics["seconds"].items()})
     final.update({k: v for k, v in metrics.items() if k in _COUNTS})
     final.update({f"test_{k}": metrics[k] for k in ("ece",) if metrics.get(k) is not None})
+    final.update({f"test_zero_shot_{k}": v for k, v in metrics.get("zero_shot", {}).items() if v is not None})
     final.update({k: metrics[k] for k in ("posthoc_tau", "temperature", "text_ensemble_weight", "text_prior_strength",
-                                          "val_balanced_zero_shot") if metrics.get(k) is not None})
+                                          "val_balanced_zero_shot", "holdout_rows", "holdout_balanced",
+                                          "holdout_balanced_zero_shot") if metrics.get(k) is not None})
     try:
         mlflow.log_metrics({k: float(v) for k, v in final.items()})
         mlflow.log_artifact(str(out / "metrics.json"))

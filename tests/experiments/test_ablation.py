@@ -70,33 +70,57 @@ def test_ablate_runs_the_recipes_in_parallel_as_mlflow_child_runs(ray_session, c
 
     from raylt.cli import main
 
-    tmp, _ = corpora
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylt.head.text import zero_shot_logits
+    from raylt.longtail import group_of
+
+    tmp, counts = corpora
     out = tmp_path / "ablation"
-    recipes = "ce,auxiliary"  # selection and the adapter: the single-fit test above; the default: test_pipeline
+    # Class text: noisy class means, as a Parquet file of (label, embedding) rows.
+    es = open_embeddings(tmp / "target", str(tmp / "target" / "classnames.txt"))
+    x, y = read_split(es, "train")
+    means = np.stack([x[y == c].mean(0) for c in range(12)]) + np.random.default_rng(0).normal(0, 0.05, (12, 32))
+    pq.write_table(pa.table({"label": list(es.class_names), "embedding": means.astype(np.float32).tolist()}),
+                   tmp_path / "text.parquet")
+    # Selection and the adapter: the single-fit test above; the default: test_pipeline.
+    recipes = "ce,auxiliary,text_ensemble"
     code = main(["ablate", "--embeddings", str(tmp / "target"), "--class-names", str(tmp / "target" / "classnames.txt"),
-                 "--out", str(out), "--recipes", recipes + ",best", "--parallel", "2", *_overrides(tmp)])
+                 "--class-text", str(tmp_path / "text.parquet"), "--out", str(out), "--recipes", recipes + ",best",
+                 "--parallel", "2", *_overrides(tmp)])
     assert code == 0
     printed = capsys.readouterr().out
     rows = json.loads((out / "ablation.json").read_text())
-    assert list(rows) == recipes.split(",") + ["best"]
+    assert list(rows) == recipes.split(",") + ["best", "zero_shot"]
     for name, row in rows.items():
         assert f"| {name} | {row['overall']:.3f} |" in printed
-        assert json.loads((out / name / "metrics.json").read_text())["overall"] == row["overall"]
+        if name != "zero_shot":
+            assert json.loads((out / name / "metrics.json").read_text())["overall"] == row["overall"]
+    # The zero-shot row: the class text as a classifier on the same test split.
+    xt, yt = read_split(es, "test")
+    hit = zero_shot_logits(xt, means).argmax(1) == yt
+    assert rows["zero_shot"]["overall"] == pytest.approx(hit.mean())
+    few = np.isin(yt, np.flatnonzero(group_of(counts) == "few"))
+    assert rows["zero_shot"]["few"] == pytest.approx(hit[few].mean())
+    assert rows["text_ensemble"]["run_id"] and "text_ensemble_weight" in json.loads(
+        (out / "text_ensemble" / "metrics.json").read_text())
     assert rows["best"]["from"][0] in ("ce", "logit_adjusted")
     assert (out / "ablation.png").stat().st_size > 10_000
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    children = {rows[n]["run_id"]: n for n in rows}
+    children = {rows[n]["run_id"]: n for n in rows if n != "zero_shot"}  # zero-shot is no fit
     parents = {client.get_run(rid).data.tags.get("mlflow.parentRunId") for rid in children}
     assert len(parents) == 1 and None not in parents
     parent = client.get_run(parents.pop())
     assert parent.data.metrics["ce.overall"] == pytest.approx(rows["ce"]["overall"])
+    assert parent.data.metrics["zero_shot.overall"] == pytest.approx(rows["zero_shot"]["overall"])
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"ablation.md", "ablation.png",
                                                                              "ablation.json"}
     assert client.get_run(rows["auxiliary"]["run_id"]).data.params["auxiliary.match"] == "mean"
 
 
 def test_best_combination_takes_the_best_loss_and_sampler_and_the_add_ons_that_helped():
-    from raylt.experiments.ablation import best_changes, recipe_config
+    from raylt.experiments.ablation import best_changes, choose, recipe_config
 
     res = {"ce": 0.50, "logit_adjusted": 0.60, "balanced_softmax": 0.58, "gaussian": 0.55, "free_lunch": 0.57,
            "ip_dpp": 0.52, "bns": 0.49, "auxiliary": 0.51}
@@ -109,3 +133,6 @@ def test_best_combination_takes_the_best_loss_and_sampler_and_the_add_ons_that_h
     assert cfg.auxiliary.embeddings == "/data/aux" and cfg.selection.k == 50 and cfg.sampler.target == 300
     plain = recipe_config(base, {})
     assert (plain.head.loss, plain.sampler.name, plain.auxiliary.embeddings) == ("ce", "none", None)
+    assert not (plain.head.text_prior or plain.head.text_ensemble)
+    # Without class text the text recipes are skipped (with a warning), the others run.
+    assert choose(["ce", "text_prior", "default", "text_ensemble"], base, has_text=False) == ["ce", "default"]

@@ -9,7 +9,8 @@ import pytest
 
 from raylt.cli import main
 from raylt.config import load_config
-from raylt.experiments.tune import best_row, holdout, trial_count
+from raylt.experiments.tune import best_row, trial_count
+from raylt.head.posthoc import holdout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,9 +21,9 @@ def _store(tmp: Path) -> Path:
 
 def test_holdout_takes_a_fifth_of_each_class_with_enough_rows_and_leaves_rare_ones_whole():
     y = np.repeat(np.arange(4), [100, 20, 5, 4])
-    held = holdout(y, 4, seed=0)
+    held = holdout(y, 4, 0, 0.2)
     assert np.bincount(y[held], minlength=4).tolist() == [20, 4, 1, 0]
-    assert (holdout(y, 4, seed=0) == held).all() and not (holdout(y, 4, seed=1) == held).all()
+    assert (holdout(y, 4, 0, 0.2) == held).all() and not (holdout(y, 4, 1, 0.2) == held).all()
 
 
 @pytest.mark.ray
@@ -63,7 +64,7 @@ def test_tune_scores_trials_on_held_out_rows_logs_child_runs_and_writes_a_best_c
     # The trial trained what it says: the same estimator here gives its holdout and test scores.
     es = open_embeddings(_store(tmp))
     x, y = read_split(es, "train")
-    held = holdout(y, es.num_classes, cfg.seed)
+    held = holdout(y, es.num_classes, cfg.seed, cfg.head.holdout)
     xt, yt = read_split(es, "test")
     plain = load_config(REPO / "configs/demo.yaml", ["train.epochs=6", "train.lr=0.01", "sampler.target=0"])
     est = LongTailHead.from_config(plain).fit(x[~held], y[~held], x[held], y[held])

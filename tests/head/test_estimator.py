@@ -56,8 +56,17 @@ def test_the_default_recipe_lifts_the_few_shot_classes_and_chooses_offsets_and_t
     assert p.shape == (len(yt), 12) and np.allclose(p.sum(1), 1, atol=1e-5)
     np.testing.assert_array_equal(est.predict(xt), est.decision_function(xt).argmax(1))
     assert est.score(xt, yt) == pytest.approx((est.predict(xt) == yt).mean())
-    # without val rows the choices are off, and say so
-    off = LongTailHead().fit(x, y).fit_info_
+    # without val rows they are chosen on a fit that holds out a fifth of each class with 5+
+    # rows, exactly as that fit with those rows as val chooses them
+    held = LongTailHead().held_out(y, 12)
+    assert (np.bincount(y[held], minlength=12) == counts // 5).all()
+    ref = LongTailHead().fit(x[~held], y[~held], x[held], y[held]).fit_info_
+    auto = LongTailHead().fit(x, y).fit_info_
+    assert auto["posthoc_from"] == "holdout" and auto["temperature_from"] == "holdout"
+    assert (auto["posthoc_tau"], auto["temperature"]) == (ref["posthoc_tau"], ref["temperature"])
+    assert auto["holdout_balanced"] == ref["val_balanced"] and auto["holdout_rows"] == held.sum()
+    # ... and off, saying so, with the holdout off
+    off = LongTailHead(holdout=0).fit(x, y).fit_info_
     assert off["posthoc_tau"] == 0.0 and off["posthoc_from"].startswith("off") and off["temperature"] == 1.0
 
 

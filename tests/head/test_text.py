@@ -20,9 +20,17 @@ def test_the_folded_ensemble_gives_the_heads_logits_plus_alpha_times_zero_shot()
     want = head.logits(x) + 0.3 * ZERO_SHOT_SCALE * x @ unit_rows(text).T
     assert np.allclose(folded.logits(x), want, atol=1e-3)
     assert np.allclose(zero_shot_logits(x, text), ZERO_SHOT_SCALE * x @ unit_rows(text).T)
+    # Centred on c: the zero-shot logits less those of c, each class's bias, still one W x + b.
+    c = rng.normal(size=16)
+    cw, cb = fold_ensemble(w, b, text, 0.3, center=c)
+    centred = HeadArtifact("linear", cw.astype(np.float32), cb.astype(np.float32))
+    want = head.logits(x) + 0.3 * ZERO_SHOT_SCALE * (x - c) @ unit_rows(text).T
+    assert np.allclose(centred.logits(x), want, atol=1e-3)
+    assert np.allclose(zero_shot_logits(x, text, center=c), zero_shot_logits(x, text) - zero_shot_logits(c[None], text))
     # Auxiliary rows beyond the targets' text are left as they are.
-    w6 = np.vstack([w, np.ones((1, 16))])
-    assert np.array_equal(fold_ensemble(w6, np.zeros(6), text, 0.3)[0][5], np.ones(16))
+    w6, b6 = np.vstack([w, np.ones((1, 16))]), np.arange(6.0)
+    fw6, fb6 = fold_ensemble(w6, b6, text, 0.3, center=c)
+    assert np.array_equal(fw6[5], np.ones(16)) and fb6[5] == 5.0
 
 
 def test_left_out_residuals_equal_refitting_without_each_class():
@@ -104,6 +112,9 @@ def test_class_text_of_the_wrong_shape_is_refused_in_one_line(with_text):
         LongTailHead(epochs=1).fit(x, y, class_text=scenes[:63])
     with pytest.raises(ValueError, match="class_text has no vector for class 5"):
         LongTailHead(epochs=1).fit(x, y, class_text={c: scenes[c] for c in range(64) if c != 5})
-    # Without val rows the ensemble has nothing to choose its weight on: it is off, and says so.
+    # Without val rows its weight is chosen on a holdout of the train rows; without those
+    # either, the ensemble is off, and says so.
     head = LongTailHead(epochs=1).fit(x, y, class_text=scenes)
+    assert head.fit_info_["text_ensemble"] == "holdout" and head.fit_info_["text_ensemble_weight"] >= 0
+    head = LongTailHead(epochs=1, holdout=0).fit(x, y, class_text=scenes)
     assert head.fit_info_["text_ensemble"] == "off: no val rows to choose its weight on"
