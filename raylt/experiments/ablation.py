@@ -137,7 +137,7 @@ def ablate(cfg: RayltConfig, es: EmbeddingSet, out: Path, names: list[str] | Non
     `class_text` [C, D]: the classes' text embeddings (default: the store's backbone's)."""
     from raylt.head.rows import target_text
 
-    # Computed (and cached in the store) once, here, rather than by each fit at once.
+    # Computed (and cached in the store) once, here, and handed to every fit.
     text = target_text(dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, text_ensemble=True)), es, class_text)
     chosen = choose(names, cfg, text is not None)
     init_ray(cfg.ray)
@@ -153,16 +153,15 @@ def ablate(cfg: RayltConfig, es: EmbeddingSet, out: Path, names: list[str] | Non
     with tracking.start_run(cfg, "ablation") as run:
         parent = run.info.run_id if run is not None else None
         singles = [(n, recipe_config(cfg, RECIPES[n][1])) for n in chosen if n != "best"]
-        results = _run_parallel(singles, es, out, parent, parallel, class_text)
+        results = _run_parallel(singles, es, out, parent, parallel, text)
         if "best" in chosen:
             changes, parts = best_changes(results)
             log.info("ablation: best combination of %s", " + ".join(parts))
-            results |= _run_parallel([("best", recipe_config(cfg, changes))], es, out, parent, 1, class_text)
+            results |= _run_parallel([("best", recipe_config(cfg, changes))], es, out, parent, 1, text)
             results["best"]["from"] = parts
         rows = {n: results[n] for n in chosen}
-        zero_shot = next((r.pop("zero_shot") for r in rows.values() if r.get("zero_shot")), None)
-        for r in rows.values():
-            r.pop("zero_shot", None)
+        scores = [r.pop("zero_shot", None) for r in rows.values()]  # each fit with the text has them
+        zero_shot = next((z for z in scores if z), None)
         if zero_shot:
             rows[ZERO_SHOT[0]] = {**zero_shot, "seconds": 0.0, "run_id": None}
         write_report(rows, out)

@@ -53,6 +53,10 @@ PARAMS: dict[str, str] = {
 }
 
 
+# What `finish` chooses on held-out rows -> the metric that says where it came from.
+_CHOICES = {"text_ensemble_weight": "text_ensemble", "posthoc_tau": "posthoc_from", "temperature": "temperature_from"}
+
+
 @dataclass(frozen=True)
 class HeadPlan:
     """What training needs besides the rows, fixed before the first epoch (the driver builds it
@@ -243,9 +247,7 @@ class HeadRecipe:
     def held_choices(info: dict) -> dict:
         """What a holdout fit's `finish` chose, for the full fit's `finish(chosen=...)`, and
         its holdout scores as `holdout_*` metrics."""
-        keep = {k: info[k] for k in ("text_ensemble_weight", "posthoc_tau", "temperature") if k in info
-                and info.get({"text_ensemble_weight": "text_ensemble", "posthoc_tau": "posthoc_from",
-                              "temperature": "temperature_from"}[k]) == "val"}
+        keep = {k: info[k] for k, source in _CHOICES.items() if info.get(source) == "val"}
         return {**keep, **{f"holdout_{k[4:]}": v for k, v in info.items() if k.startswith("val_")}}
 
     @staticmethod
