@@ -254,7 +254,7 @@ def compare(generator: str, counts: np.ndarray, args) -> None:
     row("closed-form LDA (same class statistics)", secs, evaluate(lda(xt).argmax(1), yt, counts, names), plain[1], twin[1])
     if text is not None:  # GDA (Wang et al., ICLR 2024): the closed form plus zero-shot, weighed on val
         zv, zsv = lda(val[0]), zero_shot_logits(val[0], text)
-        alphas = ensemble_weights(zv, zsv)
+        alphas = ensemble_weights(zv, val[0], text)
         alpha = alphas[int(np.argmax([balanced_accuracy((zv + a * zsv).argmax(1), val[1], len(counts))
                                       for a in alphas]))]
         gda = evaluate((lda(xt) + alpha * zero_shot_logits(xt, text)).argmax(1), yt, counts, names)

@@ -78,11 +78,11 @@ def write_shards(classes: int, dim: int, folder: Path, text: str | None = None,
 
     counts = inat_like_profile(classes)
     (x, y, s), _, *names = generate("clip_like", counts, 3, LatentSpec(dim=dim), text=text)
+    folder.mkdir(parents=True)
     if names:  # beside the shards, not among them: the embeddings reader takes every .parquet below
         pq.write_table(pa.table({"label": np.arange(classes), "embedding": list(names[0].astype(np.float32))}),
                        folder.parent / "class_text.parquet")
     order = np.random.default_rng(0).permutation(len(y))  # shards mix classes, as a store's do
-    folder.mkdir(parents=True)
     for i, lo in enumerate(range(0, len(y), rows_per_shard)):
         idx = order[lo : lo + rows_per_shard]
         pq.write_table(embedding_table(x[idx], y[idx], s[idx], [f"sim/{j}" for j in idx]),

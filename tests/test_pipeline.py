@@ -204,7 +204,7 @@ def test_a_fit_that_starts_ray_leaves_no_process_of_it(tmp_path):
     with own_processes() as (env, ray_tmp, alive):
         out = subprocess.run(
             [sys.executable, "-m", "raylt", "fit", "--embeddings", str(emb), "--out", str(tmp_path / "o"),
-             "train.epochs=2", "train.num_workers=1", "tracking.enabled=false"],
+             "train.epochs=2", "train.num_workers=1", "tracking.enabled=false", "head.holdout=0"],
             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
         )
         assert out.returncode == 0, out.stderr[-3000:]
@@ -242,7 +242,9 @@ def test_two_ddp_workers_split_real_and_synthetic_embeddings(demo_run):
     from raylt.pipeline import fit
 
     cfg, (recipe, baseline), tmp = demo_run
-    two = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=2, cpus_per_worker=0.5))
+    # No holdout fit: what is checked is the worker group's split of the rows, not the recipe's choices.
+    two = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=2, cpus_per_worker=0.5),
+                              head=dataclasses.replace(cfg.head, holdout=0.0))
     es = open_embeddings(next((tmp / "store").glob("*/manifest.json")).parent)
     res = fit(two, es, tmp / "two_workers")
     assert res.metrics["few"] > baseline.metrics["few"] + 0.1

@@ -136,7 +136,11 @@ class EmbeddingStore:
             raise DataError(f"embedding store {path} was made from other inputs; move it aside or pick another store.root")
         if man is None:
             path.mkdir(parents=True, exist_ok=True)
-            store._write_manifest(status="incomplete")
+            # Under the writer lock: a writer that holds it clears half-written files, and a
+            # manifest being written beside it is one of them.
+            with store._lock():
+                if store.manifest() is None:
+                    store._write_manifest(status="incomplete")
         return store
 
     @staticmethod
@@ -161,11 +165,14 @@ class EmbeddingStore:
         (self.path.parent / RECIPES).mkdir(exist_ok=True)
         _write_json(self.path.parent / RECIPES / f"{key}.json", {"store": self.path.name})
 
+    def _lock(self):
+        return file_lock(self.path / ".lock", f"embedding store {self.path}", wait=True)
+
     @contextlib.contextmanager
     def writing(self) -> Iterator["EmbeddingStore"]:
         """Hold the store's writer lock (waiting for another writer), then clear half-written
         files of interrupted runs: once the lock is held, no live writer owns them."""
-        with file_lock(self.path / ".lock", f"embedding store {self.path}", wait=True):
+        with self._lock():
             for stale in self.path.glob(".*.tmp-*"):
                 stale.unlink(missing_ok=True)
             yield self

@@ -31,7 +31,7 @@ from raylt.config import RayltConfig, override
 from raylt.config.schema import HeadConfig, SamplerConfig, SelectionConfig, StatsConfig, TrainConfig
 from raylt.head.artifact import HeadArtifact
 from raylt.head.calibration import fit_temperature, mean_nll
-from raylt.head.posthoc import balanced_accuracy, choose_tau, offsets
+from raylt.head.posthoc import _BLOCK, TAUS, balanced_accuracy, best_tau, choose_tau, offsets, tau_hits
 from raylt.head.text import ensemble_weights, fold_ensemble, text_prior_moments, zero_shot_logits
 
 log = logging.getLogger(__name__)
@@ -268,18 +268,17 @@ class HeadRecipe:
             log.info("zero-shot ensemble: weight %.3g, as the holdout fit chose", alpha)
             return (dataclasses.replace(art, weight=w.astype(np.float32), bias=b.astype(np.float32)), None,
                     {"text_ensemble": "holdout", "text_ensemble_weight": alpha})
-        zs = zero_shot_logits(val[0], plan.text, center=plan.center)
         c = plan.num_targets
-
-        def score(alpha: float) -> float:
-            za = z + alpha * zs
-            if f is not None:
-                tau, _ = choose_tau(za, val[1], f)
-                za = za + tau * f
-            return balanced_accuracy(za.argmax(1), val[1], c)
-
-        alphas = ensemble_weights(z, zs)
-        scores = [score(a) for a in alphas]
+        alphas = ensemble_weights(z, val[0], plan.text, plan.center)
+        taus = TAUS if f is not None else (0.0,)
+        # Every weight and tau scored in one pass over row blocks: [alphas, taus, classes] right rows.
+        hits = np.zeros((len(alphas), len(taus), c))
+        for s in range(0, len(val[1]), _BLOCK):
+            zb, yb = z[s : s + _BLOCK], val[1][s : s + _BLOCK]
+            zs = zero_shot_logits(val[0][s : s + _BLOCK], plan.text, center=plan.center).astype(np.float32)
+            for i, a in enumerate(alphas):
+                tau_hits(zb + np.float32(a) * zs, yb, f, taus, hits[i])
+        scores = [max(best_tau(h, val[1], taus)[1].values()) for h in hits]
         plain = balanced_accuracy(zero_shot_logits(val[0], plan.text).argmax(1), val[1], c)  # the floor, uncentred
         best = int(np.argmax(scores))  # the first best: the smallest weight among ties
         alpha = float(alphas[best])
@@ -287,8 +286,8 @@ class HeadRecipe:
         art = dataclasses.replace(art, weight=w.astype(np.float32), bias=b.astype(np.float32))
         log.info("zero-shot ensemble: weight %.3g on %s (balanced top-1 %.4f; head alone %.4f, "
                  "zero-shot alone %.4f)", alpha, val_name, scores[best], scores[0], plain)
-        return art, z + alpha * zs, {"text_ensemble": "val", "text_ensemble_weight": alpha,
-                                     "val_balanced_zero_shot": plain}
+        return art, art.logits(val[0]), {"text_ensemble": "val", "text_ensemble_weight": alpha,
+                                         "val_balanced_zero_shot": plain}
 
     def finish(self, state: dict, plan: HeadPlan, val=None, adapter: dict | None = None,
                no_val: str = "off: no val rows", chosen: dict | None = None,
@@ -321,7 +320,8 @@ class HeadRecipe:
                 log.info("post-hoc %s offsets: tau %g on %s (balanced top-1 %.4f, %.4f without)",
                          cfg.head.posthoc, tau, val_name, scores[tau], scores[0.0])
             art = art.add_to_bias(tau * f)
-            z = z + tau * f if z is not None else None
+            if z is not None:  # in place: an 8,142-class holdout's logits are gigabytes
+                z += (tau * f).astype(z.dtype)
             info.update(posthoc=cfg.head.posthoc, posthoc_tau=float(tau), posthoc_from=source)
         if cfg.head.calibrate:
             if val is None and "temperature" in chosen:
@@ -334,7 +334,8 @@ class HeadRecipe:
                 info.update(temperature=1.0, temperature_from=no_val)
             else:
                 t = fit_temperature(z, val[1])
-                art, z = art.divide_logits(t), z / t
+                art = art.divide_logits(t)
+                z /= t
                 log.info("temperature %.3f fitted on %s", t, val_name)
                 info.update(temperature=t, temperature_from="val")
         info.update({k: v for k, v in chosen.items() if k.startswith("holdout_")})

@@ -143,10 +143,20 @@ def fold_ensemble(weight: np.ndarray, bias: np.ndarray, text: np.ndarray, alpha:
     return w, b
 
 
-def ensemble_weights(head_logits: np.ndarray, zs_logits: np.ndarray, steps=(0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)):
-    """Candidate alphas: `steps` times the ratio of the head's logit spread to zero-shot's, so
-    that a step of 1 weighs both alike whatever the head's scale."""
-    ratio = float(np.std(head_logits) / max(np.std(zs_logits), 1e-12))
+STEPS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # ensemble weights, in units of the logits' spread ratio
+
+
+def ensemble_weights(head_logits: np.ndarray, x: np.ndarray, text: np.ndarray, center: np.ndarray | None = None,
+                     steps=STEPS) -> list[float]:
+    """Candidate alphas: `steps` times the ratio of the head's logit spread (the std of
+    `head_logits` [N, C]) to zero-shot's on the same rows x [N, D], so that a step of 1 weighs
+    both alike whatever the head's scale. Zero-shot's spread comes from the rows' first two
+    moments, without its N x C logits: E[l] = mean_c w_c . m, E[l^2] = mean_c w_c' M w_c."""
+    w = zero_shot_weights(text)
+    d = np.asarray(x, np.float64) - (0.0 if center is None else np.asarray(center, np.float64))
+    m, second = d.mean(0), d.T @ d / max(len(d), 1)
+    mean, mean_sq = float(w.mean(0) @ m), float(((w @ second) * w).sum() / len(w))
+    ratio = float(np.std(head_logits) / max(np.sqrt(max(mean_sq - mean * mean, 0.0)), 1e-12))
     return [s * ratio for s in steps]
 
 

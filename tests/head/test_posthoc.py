@@ -65,3 +65,11 @@ def test_post_hoc_settings_keep_a_run_s_checkpoints_and_training_settings_do_not
     one, local = (fit_key(load_config(None, [f"train.num_workers={n}"])) for n in (1, 0))
     assert one == base == local
     assert fit_key(load_config(None, ["train.num_workers=2"])) != base
+
+
+def test_choose_tau_over_row_blocks_scores_every_tau_as_a_full_argmax_does():
+    rng = np.random.default_rng(3)
+    logits, y = rng.normal(size=(1000, 40)).astype(np.float32), rng.integers(0, 40, 1000)  # 4 blocks, one cut short
+    f = offsets("count", rng.integers(1, 200, 40))
+    _, scores = choose_tau(logits, y, f)
+    assert scores == {t: balanced_accuracy((logits + (t * f).astype(np.float32)).argmax(1), y, 40) for t in TAUS}

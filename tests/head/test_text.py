@@ -6,7 +6,7 @@ import pytest
 
 from raylt.head.artifact import HeadArtifact
 from raylt.head.estimator import LongTailHead
-from raylt.head.text import (ZERO_SHOT_SCALE, fold_ensemble, left_out_residuals, mean_prior, unit_rows,
+from raylt.head.text import (STEPS, ZERO_SHOT_SCALE, ensemble_weights, fold_ensemble, left_out_residuals, mean_prior, unit_rows,
                              zero_shot_logits)
 from raylt.testing.simulate import LatentSpec, generate
 
@@ -31,6 +31,14 @@ def test_the_folded_ensemble_gives_the_heads_logits_plus_alpha_times_zero_shot()
     w6, b6 = np.vstack([w, np.ones((1, 16))]), np.arange(6.0)
     fw6, fb6 = fold_ensemble(w6, b6, text, 0.3, center=c)
     assert np.array_equal(fw6[5], np.ones(16)) and fb6[5] == 5.0
+
+
+def test_ensemble_weights_take_zero_shots_spread_from_the_rows_moments():
+    rng = np.random.default_rng(1)
+    x, text, center = rng.normal(size=(300, 16)), rng.normal(size=(7, 16)), rng.normal(size=16)
+    head = 3.0 * rng.normal(size=(300, 7))
+    ratio = np.std(head) / np.std(zero_shot_logits(x, text, center=center))
+    assert np.allclose(ensemble_weights(head, x, text, center), [s * ratio for s in STEPS], rtol=1e-9)
 
 
 def test_left_out_residuals_equal_refitting_without_each_class():
