@@ -43,12 +43,12 @@ def _bomb(path: Path) -> None:
 
 
 BAD_IMAGES = {
-    "corrupt": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4), "UnidentifiedImageError"),
-    "truncated_jpeg": (lambda p: p.write_bytes(_jpeg()[:300]), "Truncated File Read"),
-    "zero_bytes": (lambda p: p.write_bytes(b""), "UnidentifiedImageError"),
-    "text_file": (lambda p: p.write_text("not an image, a note someone saved as .jpg\n"), "UnidentifiedImageError"),
+    "corrupt": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4), "a damaged PNG file (1,032 bytes): its header cannot be read"),
+    "truncated_jpeg": (lambda p: p.write_bytes(_jpeg()[:300]), "truncated: the JPEG data ends after 300 bytes"),
+    "zero_bytes": (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+    "text_file": (lambda p: p.write_text("not an image, a note someone saved as .jpg\n"), "not an image: 43 bytes of text"),
     "missing_file": (lambda p: None, "FileNotFoundError"),
-    "decompression_bomb": (_bomb, "DecompressionBomb"),
+    "decompression_bomb": (_bomb, "too large: 200,000,000 pixels"),
 }
 
 

@@ -55,12 +55,15 @@ def index_shard(path: str, filesystem=None) -> tuple[dict[str, dict], list[str]]
         stream = filesystem is not None
         with open_input(path, filesystem, stream) as f, tarfile.open(fileobj=f, mode="r|" if stream else "r:") as tar:
             for m in tar:  # plain tar: members are byte ranges of the file
-                if not m.isfile():
+                if m.isdir():
+                    continue
+                key, ext = _key_and_ext(m.name)
+                if not m.isfile():  # a link (or a device, a FIFO) holds no bytes: its sample is a counted skip
+                    samples.setdefault(key, {}).setdefault("links", []).append(m.name)
                     continue
                 if m.offset_data + m.size > size:
                     raise tarfile.ReadError("member data runs past the end of the file")
                 last = m.name
-                key, ext = _key_and_ext(m.name)
                 sample = samples.setdefault(key, {})
                 if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
                     sample["image"] = (m.offset_data, m.size, m.name)
@@ -106,7 +109,8 @@ def load_webdataset(cfg: DataConfig) -> Source:
                 s = samples[key]
                 missing = "image" if "image" not in s else f".{cfg.label_key}" if cfg.label_key not in s else None
                 if missing:
-                    skipped.append(f"{shards.name(shard)}:{key} (no {missing} member)")
+                    links = f"; {', '.join(s['links'])} is a link, not a file: store the file itself" if "links" in s else ""
+                    skipped.append(f"{shards.name(shard)}:{key} (no {missing} member{links})")
                     continue
                 offset, size, member = s["image"]
                 where = f"webdataset shard {shard} member {member}"

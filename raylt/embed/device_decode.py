@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raylt.embed.images import DecodeSpec, decode_image, device_decodable
+from raylt.embed.images import DecodeSpec, decode_image, device_decodable, skip_reason
 
 def resize_crop(img: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
     """uint8 [3, H, W] -> uint8 [S, S, 3] as `images.decode_image` resizes: the shortest side to
@@ -51,7 +51,7 @@ def _decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor
         # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec; they
         # stay the decoders of the pinned torchvision, so the notice is not the user's.
         warnings.simplefilter("ignore")
-        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
 
 
 def decode_on_device(encoded, spec: DecodeSpec, device: torch.device | str,
@@ -86,5 +86,5 @@ def decode_on_device(encoded, spec: DecodeSpec, device: torch.device | str,
                 out[i] = torch.from_numpy(np.array(decode_image(bytes(encoded[i]), spec))).to(device)
         except Exception as e:  # every decoder failure is a per-image skip, reported upstream
             ok[i] = False
-            errors[i] = f"{type(e).__name__}: {e}"[:300]
+            errors[i] = skip_reason(e)
     return out, ok, errors

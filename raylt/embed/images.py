@@ -14,6 +14,7 @@ import hashlib
 import io
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -51,14 +52,32 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# EXIF orientation (tag 0x0112) -> the transpose that shows the picture upright, as browsers
+# and Pillow's ImageOps.exif_transpose do: a phone stores a portrait photo sideways with a tag.
+EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
 def decode_image(src: str | bytes, spec: DecodeSpec) -> np.ndarray:
-    """Open, convert and resize one image to uint8 [S, S, 3]. Raises on any unreadable input."""
-    with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
-        # JPEG draft mode decodes at a reduced scale that is still >= the target size: the
-        # biggest single speed-up for large photos, and the bicubic resize below follows it.
-        img.draft("RGB", (spec.size, spec.size))
-        img = to_rgb(img)
-        img.load()
+    """Open, convert, turn upright (EXIF orientation) and resize one image to uint8 [S, S, 3].
+    Raises on any unreadable input, with what is wrong with it (`describe_failure`)."""
+    data = src if isinstance(src, (bytes, bytearray)) else None
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else src) as img:
+            # JPEG draft mode decodes at a reduced scale that is still >= the target size: the
+            # biggest single speed-up for large photos, and the bicubic resize below follows it.
+            img.draft("RGB", (spec.size, spec.size))
+            turn = _UPRIGHT.get(img.getexif().get(EXIF_ORIENTATION, 1))
+            img = to_rgb(img)
+            img.load()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # the file, not the image: said as the reader says it
+    except Exception as e:
+        raise ImageError(describe_failure(e, data if data is not None else src)) from None
+    if turn is not None:
+        img = img.transpose(turn)
     s = spec.size
     if spec.resize_mode == "squash":
         img = img.resize((s, s), _RESAMPLE[spec.interpolation])
@@ -70,6 +89,48 @@ def decode_image(src: str | bytes, spec: DecodeSpec) -> np.ndarray:
         left, top = (nw - s) // 2, (nh - s) // 2
         img = img.crop((left, top, left + s, top + s))
     return np.asarray(img, dtype=np.uint8)
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded, said for people (`describe_failure`)."""
+
+
+_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"RIFF": "WebP", b"BM": "BMP", b"II*\x00": "TIFF",
+          b"MM\x00*": "TIFF"}
+
+
+def describe_failure(e: Exception, src) -> str:
+    """What is wrong with an image that did not decode, in words: empty, not an image (and what
+    it holds instead), a damaged or cut-short file of a known format, too large, or the
+    decoder's own message. `src`: its bytes or its path."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
+    except OSError:
+        data = None
+    size = f"{len(data):,} byte{'' if len(data) == 1 else 's'}" if data is not None else "its bytes"
+    fmt = next((name for magic, name in _MAGIC.items() if data and data.startswith(magic)), None)
+    if isinstance(e, Image.DecompressionBombError):
+        pixels = str(e).split("(")[1].split(" pixels")[0] if "(" in str(e) else "more"
+        return (f"too large: {int(pixels):,} pixels, over the {2 * Image.MAX_IMAGE_PIXELS:,}-pixel guard against "
+                f"decompression bombs" if pixels.isdigit() else f"too large: {e}")
+    if data is not None and len(data) == 0:
+        return "empty file (0 bytes)"
+    if isinstance(e, UnidentifiedImageError) and fmt is None:
+        head = (data or b"")[:256].lstrip().lower()
+        kind = ("an HTML page" if head.startswith((b"<!doctype html", b"<html")) else
+                "text" if head and all(c in b"\t\n\r" or 32 <= c < 127 for c in head) else "bytes of no image format")
+        return f"not an image: {size} of {kind}"
+    if "truncated" in str(e).lower() or "premature end" in str(e).lower():
+        return f"truncated: the {fmt or 'image'} data ends after {size}"
+    why = "its header cannot be read" if isinstance(e, UnidentifiedImageError) else str(e)
+    return f"a damaged {fmt or 'image'} file ({size}): {why}"
+
+
+def skip_reason(e: Exception) -> str:
+    """A skipped row's `error`: what is wrong with the image, or the reader's error with its type."""
+    return (str(e) if isinstance(e, ImageError) else f"{type(e).__name__}: {e}")[:300]
 
 
 # Start-of-frame markers a JPEG decoder of baseline, extended and progressive Huffman JPEGs
@@ -151,7 +212,7 @@ def read_parquet_cells(paths, rows, columns, filesystem=None) -> list:
         except (OSError, pa.ArrowException, KeyError) as e:
             for i in group:
                 out[i] = e
-    return [ValueError("no image bytes in this row") if v is None else v for v in out]
+    return [ImageError("no image bytes in this row (an empty cell)") if v is None else v for v in out]
 
 
 def read_files(paths, filesystem=None) -> list:
@@ -221,7 +282,7 @@ def read_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None,
                 encoded[i], raw[i] = decode_image(data, spec).tobytes(), True
         except Exception as e:  # every reader or decoder failure is a per-image skip, reported upstream
             ok[i] = False
-            errors[i] = f"{type(e).__name__}: {e}"[:300]
+            errors[i] = skip_reason(e)
     out = {k: batch[k] for k in ("row", "id", "label", "split")}
     out.update(encoded=encoded, raw=raw, ok=ok, error=errors)
     if hashes:
@@ -252,7 +313,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, filesystem=None
             pixels[i] = decode_image(src if isinstance(src, (str, bytes)) else bytes(src), spec)
         except Exception as e:  # every decoder failure is a per-image skip, reported upstream
             ok[i] = False
-            errors[i] = f"{type(e).__name__}: {e}"[:300]
+            errors[i] = skip_reason(e)
     out = {k: batch[k] for k in ("row", "id", "label", "split")}
     out.update(pixels=pixels, ok=ok, error=errors)
     if hashes:

@@ -47,7 +47,9 @@ from raylt.ops.hashing import file_sha256, json_key
 from raylt.ops.locks import file_lock
 
 log = logging.getLogger(__name__)
-STORE_FORMAT = 1
+# In every store's, image cache's and recipe's key. 2: images are turned upright by their EXIF
+# orientation before embedding, which changes the pixels (so the embeddings) of such photos.
+STORE_FORMAT = 2
 RECIPES = "recipes"  # <root>/recipes/<key>.json -> the store folder of that recipe
 MANIFEST = "manifest.json"
 
@@ -146,8 +148,16 @@ class EmbeddingStore:
     @staticmethod
     def recalled_name(root: Path, key: str) -> str | None:
         """The folder name `remember(key)` wrote under `root`, or None."""
-        entry = _read_json(Path(root) / RECIPES / f"{key}.json")
-        return entry.get("store") if entry else None
+        path = Path(root) / RECIPES / f"{key}.json"
+        entry = _read_json(path)  # a record cut short: warned about there, and None
+        if entry is None:
+            return None
+        name = entry.get("store") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or name != Path(name).name or name in (".", ".."):
+            log.warning("%s is damaged (it names no store folder beside it) and is ignored: the store is looked "
+                        "up by its inputs, and the record written again", path)
+            return None
+        return name
 
     @classmethod
     def recalled(cls, root: Path, key: str) -> "EmbeddingStore | None":

@@ -100,8 +100,8 @@ def test_bad_records_are_counted_skips_or_one_line_errors_naming_file_and_column
     write_files(empty, "train", [6, 5, 4, 2], extra={0: {"image": pa.array([None] + [b"x"] * 5, pa.binary())}})
     write_files(empty, "test", [1, 1, 1, 1])
     out = decoded(load_source(cfg_of(empty).data))
-    assert not out["ok"][0] and out["error"][0] == "ValueError: no image bytes in this row"
-    assert out["error"][1].startswith("UnidentifiedImageError") and out["ok"][6:].all()
+    assert not out["ok"][0] and out["error"][0] == "no image bytes in this row (an empty cell)"
+    assert out["error"][1] == "not an image: 1 byte of text" and out["ok"][6:].all()
 
 
 @pytest.mark.ray

@@ -138,3 +138,25 @@ def test_a_member_that_cannot_be_read_when_embedding_is_a_counted_skip(shards):
     assert list(out["ok"]) == [True, False, False]
     assert out["error"][1].startswith("EOFError: ") and "bytes into this member" in out["error"][1]
     assert out["error"][2].startswith("FileNotFoundError")
+
+
+def test_a_sample_whose_image_member_is_a_link_is_a_counted_skip_that_says_so(tmp_path, caplog):
+    root = tmp_path / "links"
+    write_shards(root, "test", [1, 1, 1, 1])
+    write_shards(root, "train", [6, 4, 3, 2])
+    with tarfile.open(root / "train-000.tar", "a") as tar:  # appended after the shard's real samples
+        for kind, key in ((tarfile.SYMTYPE, "red/sym"), (tarfile.LNKTYPE, "red/hard")):
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.type, info.linkname = kind, "red/train_0_0000.jpg"
+            tar.addfile(info)
+            add(tar, f"{key}.cls", b"0")
+        only = tarfile.TarInfo("red/alone.jpg")  # a sample of nothing but a link: still counted
+        only.type, only.linkname = tarfile.SYMTYPE, "red/train_0_0001.jpg"
+        tar.addfile(only)
+    with caplog.at_level("WARNING", logger="raylt.data.shards"):
+        src = load_source(cfg_of(root, "data.max_bad_fraction=0.2").data)
+    assert ("3 of 22 webdataset samples skipped: train-000.tar:red/sym (no image member; red/sym.jpg is a link, "
+            "not a file: store the file itself); train-000.tar:red/hard (no image member; red/hard.jpg is a link") \
+        in caplog.text
+    assert "train-000.tar:red/alone (no image member; red/alone.jpg is a link" in caplog.text
+    assert src.split("train").num_rows == 15

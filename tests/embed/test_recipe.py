@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def test_the_key_follows_what_changes_the_vectors_and_not_where_weights_are_cach
 
 
 @pytest.mark.ray
-def test_a_finished_store_is_found_checked_and_reused_without_torch_or_ray(ray_session, image_tree, tmp_path):
+def test_a_finished_store_is_found_checked_and_reused_without_torch_or_ray(ray_session, image_tree, tmp_path,
+                                                                          caplog):
     from raylt.embed.stage import run_embed
 
     overrides = ["data.source=folder", f"data.root={image_tree}", f"store.root={tmp_path / 'store'}",
@@ -68,6 +70,18 @@ def test_a_finished_store_is_found_checked_and_reused_without_torch_or_ray(ray_s
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines() == [f"store: {first.store}", "embeddings: 26 (D=192), skipped: 0, reused",
                                        "0 False False"]
+    # A damaged record (cut short, or edited to name no folder beside it): ignored with a
+    # warning; the full path finds the store by its inputs and writes the record again.
+    record = next((tmp_path / "store" / "recipes").glob("*.json"))
+    for damage in ('{"store": "cc7', '["x"]', '{"store": "../../elsewhere"}'):
+        record.write_text(damage)
+        with caplog.at_level(logging.WARNING, logger="raylt.embed.store"):
+            assert finished_store(cfg, load_source(cfg.data)) is None
+        assert f"{record} is damaged" in caplog.text
+        caplog.clear()
+        again = run_embed(cfg)
+        assert again.reused and again.store == first.store
+        assert json.loads(record.read_text()) == {"store": first.store.name}
     # A damaged shard, a store moved away, another data set: not found here; the full path decides.
     shard = first.store / "part-00001.parquet"
     shard.write_bytes(shard.read_bytes()[:-10])
