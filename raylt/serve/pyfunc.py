@@ -17,6 +17,7 @@ load models only from runs you trust. Models logged before raylt's stage package
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 from pathlib import Path
 
@@ -44,32 +45,61 @@ class HeadModel(mlflow.pyfunc.PythonModel):
 
         from raylt.config import BackboneConfig
         from raylt.embed.backbones import build_encoder
-        from raylt.embed.images import decode_image
+        from raylt.embed.images import ImageError, decode_image
 
         if self._encoder is None:
             if not self.backbone:
-                raise ValueError("this model was trained on embeddings without a known backbone; pass embeddings")
+                raise bad_request("this model was trained on embeddings without a known backbone; send embeddings")
             self._encoder = build_encoder(BackboneConfig(**self.backbone))
-        # Over HTTP (`mlflow models serve`) the bytes arrive base64-encoded in JSON.
-        raw = [base64.b64decode(b) if isinstance(b, str) else bytes(b) for b in images]
-        pixels = np.stack([decode_image(b, self._encoder.spec) for b in raw])
-        return self._encoder.encode(torch.from_numpy(pixels)).numpy()
+        pixels = []
+        for i, b in enumerate(images):
+            try:
+                # Over HTTP (`mlflow models serve`) the bytes arrive base64-encoded in JSON.
+                data = base64.b64decode(b, validate=True) if isinstance(b, str) else bytes(b)
+                pixels.append(decode_image(data, self._encoder.spec))
+            except (binascii.Error, ValueError, TypeError) as e:
+                why = ("is not valid base64 (cut short, or not encoded)" if isinstance(e, binascii.Error) else
+                       str(e) if isinstance(e, ImageError) else f"is not encoded image bytes ({type(b).__name__})")
+                raise bad_request(f"the image in row {i} {why}" if not isinstance(e, ImageError)
+                                  else f"the image in row {i}: {why}") from None
+        return self._encoder.encode(torch.from_numpy(np.stack(pixels))).numpy()
 
     # The DataFrame hint is one MLflow takes without a signature (and without warning that
     # hints are missing); arrays still arrive as they are.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):
-            if "image" in model_input.columns:
-                x = self._embed_images(model_input["image"].tolist())
-            elif "embedding" in model_input.columns:
-                x = np.stack([np.asarray(v, dtype=np.float32) for v in model_input["embedding"]])
+        """Probabilities [rows, classes]. A request it cannot score is refused whole, with an
+        MlflowException of INVALID_PARAMETER_VALUE (HTTP 400 from `mlflow models serve`) whose
+        message names the row and what is wrong, never a traceback."""
+        if len(model_input) == 0:
+            raise bad_request("the request holds no rows; send at least one embedding or image")
+        try:
+            if isinstance(model_input, pd.DataFrame):
+                if "image" in model_input.columns:
+                    x = self._embed_images(model_input["image"].tolist())
+                elif "embedding" in model_input.columns:
+                    x = np.stack([np.asarray(v, dtype=np.float32) for v in model_input["embedding"]])
+                else:
+                    x = model_input.to_numpy(dtype=np.float32)  # one column per dimension
             else:
-                x = model_input.to_numpy(dtype=np.float32)  # one column per dimension
-        else:
-            x = np.asarray(model_input, dtype=np.float32)
+                x = np.asarray(model_input, dtype=np.float32)
+        except (ValueError, TypeError) as e:
+            raise bad_request(f"the embeddings are not numbers of one length ({str(e).splitlines()[0][:120]}); "
+                              f"send {self.head.dim} floats per row") from None
         if x.ndim != 2 or x.shape[1] != self.head.dim:
-            raise ValueError(f"expected embeddings of size {self.head.dim}, got shape {x.shape}")
+            raise bad_request(f"expected embeddings of size {self.head.dim}, got shape {x.shape}")
+        broken = ~np.isfinite(x).all(1)
+        if broken.any():
+            raise bad_request(f"the embedding in row {int(np.flatnonzero(broken)[0])} holds NaN or infinite values "
+                              f"({int(broken.sum())} row(s))")
         return pd.DataFrame(softmax(head_logits(self.head, x)), columns=self.class_names)
+
+
+def bad_request(message: str) -> mlflow.exceptions.MlflowException:
+    """A refused request: MLflow's scoring server answers it with HTTP 400 and this message,
+    without the traceback it attaches to any other exception."""
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return mlflow.exceptions.MlflowException(f"raylt: {message}", error_code=INVALID_PARAMETER_VALUE)
 
 
 def log_model(head_path: Path, meta_path: Path) -> str:

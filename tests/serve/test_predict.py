@@ -4,6 +4,7 @@ and a list file, and `mlflow models serve` answering HTTP requests on loopback."
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sys
 from pathlib import Path
@@ -151,6 +152,25 @@ def test_registered_model_served_over_http_answers_embeddings_and_images(demo_ru
         assert r.status_code == 200, r.text[:500]
         zeros = [i for i, lab in enumerate(digit_files[2]) if lab == 0]
         assert [int(np.argmax(list(p.values()))) for p in r.json()["predictions"]] == expected[zeros].tolist()
+        # Malformed requests: a 400 whose message names the row and what is wrong, no traceback;
+        # the server goes on serving.
+        nan = [float("nan")] * x.shape[1]
+        malformed = {
+            "wrong width": (["embedding"], [[x[0, :5].tolist()]], f"expected embeddings of size {x.shape[1]}"),
+            "NaN": (["embedding"], [[x[0].tolist()], [nan]], "the embedding in row 1 holds NaN or infinite values"),
+            "not an image": (["image"], [[images[0]], [base64.b64encode(b"a note, not a picture").decode()]],
+                             "the image in row 1: not an image: 21 bytes of text"),
+            "cut base64": (["image"], [[images[0][:-7]]], "the image in row 0 is not valid base64"),
+            "empty batch": (["embedding"], [], "the request holds no rows"),
+        }
+        for case, (columns, data, message) in malformed.items():
+            r = requests.post(f"{url}/invocations", timeout=60, data=json.dumps(
+                {"dataframe_split": {"columns": columns, "data": data}}), headers={"Content-Type": "application/json"})
+            assert 400 <= r.status_code < 500 and f"raylt: {message}" in r.json()["message"], (case, r.text[:800])
+            assert "Traceback" not in r.text and "stack_trace" not in r.json(), case
+        r = requests.post(f"{url}/invocations", timeout=60,
+                          json={"dataframe_split": {"columns": ["embedding"], "data": [[x[0].tolist()]]}})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 1
 
 
 def test_score_batch_ranks_classes_and_keeps_rows_it_cannot_score():
