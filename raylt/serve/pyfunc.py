@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import threading
 from pathlib import Path
 
 import mlflow
@@ -38,6 +39,7 @@ class HeadModel(mlflow.pyfunc.PythonModel):
         self.class_names = meta["class_names"]
         self.backbone = meta.get("backbone")
         self._encoder = None
+        self._building = threading.Lock()
 
     def _embed_images(self, images) -> np.ndarray:
         # torch and the encoders only for image input: a model that scores embeddings needs neither.
@@ -47,10 +49,11 @@ class HeadModel(mlflow.pyfunc.PythonModel):
         from raylt.embed.backbones import build_encoder
         from raylt.embed.images import ImageError, decode_image
 
-        if self._encoder is None:
-            if not self.backbone:
-                raise bad_request("this model was trained on embeddings without a known backbone; send embeddings")
-            self._encoder = build_encoder(BackboneConfig(**self.backbone))
+        if not self.backbone:
+            raise bad_request("this model was trained on embeddings without a known backbone; send embeddings")
+        with self._building:  # the server's threads: the first requests must not build it each
+            if self._encoder is None:
+                self._encoder = build_encoder(BackboneConfig(**self.backbone))
         pixels = []
         for i, b in enumerate(images):
             try:

@@ -19,6 +19,7 @@ from conftest import free_port, http_process
 from raylt.cli import main
 from raylt.embed.inputs import open_embeddings, read_split
 from raylt.head.artifact import HeadArtifact, head_logits, load_head
+from raylt.serve.load import load
 
 pytestmark = pytest.mark.ray
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -171,6 +172,11 @@ def test_registered_model_served_over_http_answers_embeddings_and_images(demo_ru
         r = requests.post(f"{url}/invocations", timeout=60,
                           json={"dataframe_split": {"columns": ["embedding"], "data": [[x[0].tolist()]]}})
         assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+        # Under a small concurrent load (bench/serve_load.py goes further): no failed request.
+        for split in ({"columns": ["embedding"], "data": [[v] for v in x[:64].tolist()]},
+                      {"columns": ["image"], "data": [[images[0]]]}):
+            stats = load(f"{url}/invocations", json.dumps({"dataframe_split": split}).encode(), clients=4, seconds=2)
+            assert stats.failed == 0 and stats.requests >= 4 and stats.p50_ms <= stats.p99_ms, stats.first_failure
 
 
 def test_score_batch_ranks_classes_and_keeps_rows_it_cannot_score():
