@@ -4,7 +4,11 @@ again, whichever data set names it."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +60,47 @@ def test_added_images_are_the_only_ones_embedded_and_a_second_data_set_reuses_th
         again = run_embed(cfg_of(copy, tmp_path / "store", "data.splits.train=train", "embed.shard_size=7"))
     assert "cannot be read and is removed: its images are embedded again" in caplog.text
     assert again.encoded_rows == 21
+
+
+def test_two_runs_sharing_the_image_cache_at_once_and_a_killed_append_leave_it_valid(ray_session, image_tree, tmp_path):
+    """Two data sets with common images embedded at the same time into one store root (so one
+    image cache), with what a SIGKILL between an append's write and its rename leaves in the
+    cache: both stores hold what a run without a cache gives, and a third data set of the same
+    images encodes nothing."""
+    import ray
+
+    other = tmp_path / "other"
+    shutil.copytree(image_tree, other)
+    for i in range(3):
+        write_image(other / "train" / "yellow" / f"new{i}.png", COLORS[3])
+    cache = tmp_path / "store" / "images"
+    first = run_embed(cfg_of(image_tree, tmp_path / "warm", "data.splits.train=train"))  # the cache's key folder
+    key = next((tmp_path / "warm" / "images").iterdir()).name
+    (cache / key).mkdir(parents=True)
+    (cache / key / ".part-0123.parquet.tmp-999999").write_bytes(b"PAR1 half an append")  # killed before its rename
+    args = ["data.source=folder", f"store.root={tmp_path / 'store'}", "backbone.name=pixels", "backbone.image_size=8",
+            "embed.shard_size=6", "embed.batch_size=4", "tracking.enabled=false",
+            f"ray.address={ray.get_runtime_context().gcs_address}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    procs = {root.name: subprocess.Popen([sys.executable, "-m", "raylt", "embed", *args, f"data.root={root}"], env=env,
+                                         cwd=tmp_path, stdout=open(tmp_path / f"{root.name}.log", "w"),
+                                         stderr=subprocess.STDOUT) for root in (image_tree, other)}
+    for name, proc in procs.items():
+        assert proc.wait(300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    stores = {Path(line.split("store: ", 1)[1]) for name in procs for line in
+              (tmp_path / f"{name}.log").read_text().splitlines() if line.startswith("store: ")}
+    assert len(stores) == 2
+    for store in stores:
+        root = image_tree if len(by_id(store)) == 26 else other
+        want = by_id(run_embed(cfg_of(root, tmp_path / f"fresh-{root.name}")).store)
+        got = by_id(store)
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    # Every cache file reads; a third data set naming the same images encodes none of them.
+    copy = tmp_path / "copy"
+    shutil.copytree(other, copy)
+    shutil.rmtree(copy / "test")  # another data set: its train split alone
+    third = run_embed(cfg_of(copy, tmp_path / "store", "data.splits.train=train"))
+    assert third.encoded_rows == 0 and third.computed_rows == 21 and first.encoded_rows == 18
 
 
 def test_a_grown_stores_class_statistics_reuse_the_old_blocks_and_equal_a_full_recompute(
