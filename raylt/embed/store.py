@@ -27,6 +27,7 @@ store is found, checked and reused without importing torch or starting Ray.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -72,13 +73,25 @@ def read_manifest(path: Path) -> dict:
         raise DataError(f"{path}/{MANIFEST} is damaged; run `raylt embed` with the store's config to rebuild it") from None
 
 
+# A full disk, a quota, a file-size limit: said in one line, with the folder and the bytes.
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def _atomic_write_bytes(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # the rename must never publish bytes still in the page cache only
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must never publish bytes still in the page cache only
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left for a later run to read
+        if e.errno in NO_ROOM:
+            raise DataError(f"no room in {path.parent} to write {path.name} ({len(data):,} bytes): "
+                            f"{os.strerror(e.errno)}; free space there (or set store.root to another disk) and "
+                            f"run the same command again: what is finished is kept") from None
+        raise
 
 
 def atomic_write_table(table: pa.Table, path: Path) -> pa.Buffer:

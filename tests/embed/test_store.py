@@ -136,3 +136,36 @@ def test_a_second_writer_waits_for_the_first(tmp_path):
         order.append("first")
     t.join(5)
     assert order == ["first", "second"]
+
+
+def test_a_full_disk_while_writing_a_shard_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    """A file-size limit on the process (what a full disk or a quota does to a write: EFBIG,
+    as ENOSPC): one line naming the folder and the bytes, no file left that a later run would
+    read, and the same write succeeds once there is room."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import resource, signal, sys
+        import numpy as np
+        from pathlib import Path
+        from raylt.embed.store import atomic_write_table, embedding_table
+        from raylt.errors import DataError
+        table = embedding_table(np.random.default_rng(0).normal(size=(64, 32)), [0] * 64, ["train"] * 64,
+                                [str(i) for i in range(64)])
+        if sys.argv[2] == "full":
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            atomic_write_table(table, Path(sys.argv[1]) / "part-00000.parquet")
+        except DataError as e:
+            print(e)
+    """
+    full = subprocess.run([sys.executable, "-c", code, str(tmp_path), "full"], capture_output=True, text=True, timeout=60)
+    assert full.returncode == 0, full.stderr[-2000:]
+    line = full.stdout.strip()
+    assert line.startswith(f"no room in {tmp_path} to write part-00000.parquet (") and "File too large" in line
+    assert "\n" not in line and "run the same command again" in line
+    assert list(tmp_path.iterdir()) == []  # neither the shard nor its temporary file
+    room = subprocess.run([sys.executable, "-c", code, str(tmp_path), "room"], capture_output=True, text=True, timeout=60)
+    assert room.returncode == 0 and room.stdout == "" and [p.name for p in tmp_path.iterdir()] == ["part-00000.parquet"]
