@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from raylt.head.posthoc import row_blocks
+
 BINS = 15
 _LOG_T = (-3.0, 3.0)  # T searched in [e^-3, e^3]
 
 
-_BLOCK = 256  # rows at a time: a block's float64 temporaries stay in the cache (2.4x faster than 4,096 rows)
-
-
-def _blocks(n: int):
-    return (slice(s, s + _BLOCK) for s in range(0, n, _BLOCK))
 
 
 def mean_nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
     """The mean negative log-likelihood of softmax(logits / t) at labels y."""
     total = 0.0
-    for b in _blocks(len(y)):
+    for b in row_blocks(len(y)):
         z = np.asarray(logits[b], dtype=np.float64) / t
         z -= z.max(1, keepdims=True)
         total += float((np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), y[b]]).sum())
@@ -38,7 +35,7 @@ def _derivatives(logits: np.ndarray, y: np.ndarray, beta: float) -> tuple[float,
     """First and second derivative in beta = 1 / T of the mean NLL of softmax(beta z): the
     softmax mean of z minus z_y, and the softmax variance of z (so the NLL is convex in beta)."""
     g = h = 0.0
-    for b in _blocks(len(y)):
+    for b in row_blocks(len(y)):
         z = np.asarray(logits[b], dtype=np.float64)
         p = np.exp(beta * (z - z.max(1, keepdims=True)))
         p /= p.sum(1, keepdims=True)
@@ -77,7 +74,7 @@ def confidences(logits: np.ndarray, t: float = 1.0) -> tuple[np.ndarray, np.ndar
     """(the largest probability of softmax(logits / t) [N], its class [N]), without the N x C
     probability matrix."""
     conf, pred = np.empty(len(logits)), np.empty(len(logits), np.int64)
-    for b in _blocks(len(logits)):
+    for b in row_blocks(len(logits)):
         z = np.asarray(logits[b], dtype=np.float64) / t
         pred[b] = z.argmax(1)
         conf[b] = 1.0 / np.exp(z - z[np.arange(len(z)), pred[b]][:, None]).sum(1)

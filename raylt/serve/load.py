@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,6 @@ class LoadStats:
     p50_ms: float
     p99_ms: float
     first_failure: str  # status and the start of the body of the first failed request, or ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def load(url: str, body: bytes, clients: int = 8, seconds: float = 60.0, timeout: float = 60.0,

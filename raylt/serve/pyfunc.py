@@ -60,11 +60,12 @@ class HeadModel(mlflow.pyfunc.PythonModel):
                 # Over HTTP (`mlflow models serve`) the bytes arrive base64-encoded in JSON.
                 data = base64.b64decode(b, validate=True) if isinstance(b, str) else bytes(b)
                 pixels.append(decode_image(data, self._encoder.spec))
-            except (binascii.Error, ValueError, TypeError) as e:
-                why = ("is not valid base64 (cut short, or not encoded)" if isinstance(e, binascii.Error) else
-                       str(e) if isinstance(e, ImageError) else f"is not encoded image bytes ({type(b).__name__})")
-                raise bad_request(f"the image in row {i} {why}" if not isinstance(e, ImageError)
-                                  else f"the image in row {i}: {why}") from None
+            except binascii.Error:  # a ValueError: first
+                raise bad_request(f"the image in row {i} is not valid base64 (cut short, or not encoded)") from None
+            except ImageError as e:
+                raise bad_request(f"the image in row {i}: {e}") from None
+            except (ValueError, TypeError):
+                raise bad_request(f"the image in row {i} is not encoded image bytes ({type(b).__name__})") from None
         return self._encoder.encode(torch.from_numpy(np.stack(pixels))).numpy()
 
     # The DataFrame hint is one MLflow takes without a signature (and without warning that

@@ -55,8 +55,7 @@ def test_blocks_of_rows_give_the_whole_s_figures(monkeypatch):
     f = 1.0 / np.arange(1, 31)
     whole = (fit_temperature(3 * z, y), mean_nll(z, y, 2.0), expected_calibration_error(z, y),
              posthoc.choose_tau(z, y, f)[1])
-    monkeypatch.setattr(cal, "_BLOCK", 7)
-    monkeypatch.setattr(posthoc, "_BLOCK", 7)
+    monkeypatch.setattr(posthoc, "_BLOCK", 7)  # the calibration's blocks too (posthoc.row_blocks)
     blocked = (fit_temperature(3 * z, y), mean_nll(z, y, 2.0), expected_calibration_error(z, y),
                posthoc.choose_tau(z, y, f)[1])
     np.testing.assert_allclose(blocked[:3], whole[:3], rtol=1e-9)
